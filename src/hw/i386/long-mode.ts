@@ -83,7 +83,9 @@ export function segmentFromGdt(selector: number, entry: bigint): KvmSegment {
 /** Writes the GDT, an empty IDT and the identity-map page tables into guest memory. */
 export function writeLongModeTables(memory: PhysicalWriter): void {
   const gdt = Buffer.alloc(GDT_ENTRIES.length * 8);
-  GDT_ENTRIES.forEach((entry, i) => gdt.writeBigUInt64LE(entry, i * 8));
+  GDT_ENTRIES.forEach((entry, i) => {
+    gdt.writeBigUInt64LE(entry, i * 8);
+  });
   memory.write(BOOT_GDT_ADDR, gdt);
   memory.write(BOOT_IDT_ADDR, Buffer.alloc(8));
 

@@ -1,0 +1,234 @@
+/**
+ * The body of one vCPU thread (a worker_thread): QEMU's kvm_vcpu_thread_fn.
+ *
+ * It owns its vCPU fd, loops on KVM_RUN, serves the exits it can itself
+ * (port I/O and MMIO, through hw/vcpu-devices.ts), runs work queued by the
+ * main thread (runOnCpu) and parks while the VM is paused. The main thread
+ * talks to it through the shared control cells of vcpu-control.ts and a
+ * MessagePort; a kick (KICK_SIGNAL, unblocked only inside KVM_RUN) makes
+ * KVM_RUN return so the loop looks at its requests.
+ */
+import {
+  type MessagePort,
+  parentPort,
+  receiveMessageOnPort,
+  workerData,
+} from 'node:worker_threads';
+import { type VcpuDevicePlan, VcpuDevices } from '../../hw/vcpu-devices.js';
+import { installTraceConfig, type TraceConfig, traceEvent } from '../../trace/control.js';
+import { TsvmmError } from '../../util/errors.js';
+import {
+  gettid,
+  lastErrno,
+  pthreadSigmask,
+  SIG_BLOCK,
+  sigsetAdd,
+  sigsetDel,
+  sigsetEmpty,
+  sigtimedwait,
+} from './ffi.js';
+import { exitReasonName, KVM_EXIT, KVM_SYSTEM_EVENT } from './ioctls.js';
+import { KVM_EXIT_IO_OUT } from './structs/run.js';
+import { KvmVcpu } from './vcpu.js';
+import {
+  CTL_DOORBELL,
+  CTL_PIO_COUNT,
+  CTL_REQUEST,
+  CTL_STATE,
+  CTL_TID,
+  KICK_SIGNAL,
+  REQUEST_EXIT,
+  REQUEST_PAUSE,
+  STATE_EXITED,
+  STATE_PAUSED,
+  STATE_RUNNING,
+  type VcpuMessage,
+  type VcpuWorkRequest,
+} from './vcpu-control.js';
+import { describeVcpuRegisters, runVcpuOp, type VcpuOpContext } from './vcpu-ops.js';
+import { KvmVm } from './vm.js';
+
+/** What the main thread hands a new vCPU thread. */
+export interface VcpuThreadData {
+  index: number;
+  vcpuFd: number;
+  vmFd: number;
+  runMmapSize: number;
+  control: SharedArrayBuffer;
+  workPort: MessagePort;
+  devices: VcpuDevicePlan;
+  trace: TraceConfig;
+}
+
+const data = workerData as VcpuThreadData;
+const ctl = new Int32Array(data.control);
+const port = parentPort!;
+installTraceConfig(data.trace, `vcpu${data.index}`);
+const traceExit = traceEvent('kvm_run_exit');
+const traceWork = traceEvent('process_queued_cpu_work');
+
+function post(message: VcpuMessage): void {
+  port.postMessage(message);
+}
+
+// The VM fd belongs to the main thread: this handle only issues KVM_IRQ_LINE
+// on it and is never closed here.
+const vm = new KvmVm(data.vmFd);
+const vcpu = new KvmVcpu(data.vcpuFd, data.runMmapSize);
+const run = vcpu.kvmRun;
+const ctx: VcpuOpContext = { vcpu, index: data.index, unpark: () => (parked = false) };
+const devices = new VcpuDevices(data.devices, {
+  setIrqLine: (irq, level) => vm.irqLine(irq, level ? 1 : 0),
+  countWrite: () => Atomics.add(ctl, CTL_PIO_COUNT, 1),
+  unassigned: () => {},
+});
+
+/** Set when the guest asked for something only the main thread can do (reset, power-off, a failure). */
+let parked = false;
+
+const kickSet = sigsetEmpty();
+sigsetAdd(kickSet, KICK_SIGNAL);
+
+function blockKickOutsideKvmRun(): void {
+  const previous = sigsetEmpty();
+  const err = pthreadSigmask(SIG_BLOCK, kickSet, previous);
+  if (err !== 0) throw new TsvmmError('VCPU_SIGMASK', `pthread_sigmask failed: errno ${err}`);
+  // Inside KVM_RUN: the thread's usual mask, with the kick let through.
+  sigsetDel(previous, KICK_SIGNAL);
+  vcpu.setSignalMask(previous);
+}
+
+/** Takes a pending kick so it does not cut short the next KVM_RUN. */
+function eatKick(): void {
+  while (sigtimedwait(kickSet, 0) === KICK_SIGNAL) {
+    // drained one; loop in case of several
+  }
+  void lastErrno();
+}
+
+function drainWork(): void {
+  for (;;) {
+    const received = receiveMessageOnPort(data.workPort);
+    if (!received) return;
+    const request = received.message as VcpuWorkRequest;
+    traceWork.emit({ cpu: data.index, op: request.op });
+    try {
+      const result = runVcpuOp(ctx, request.op, request.arg);
+      post({ type: 'done', id: request.id, result });
+    } catch (err) {
+      const e = err as { code?: string; message?: string };
+      post({
+        type: 'done',
+        id: request.id,
+        error: { code: e.code, message: e.message ?? String(err) },
+      });
+    }
+  }
+}
+
+function park(message: VcpuMessage): void {
+  parked = true;
+  post(message);
+}
+
+function handleExit(reason: number): void {
+  switch (reason) {
+    case KVM_EXIT.IO: {
+      const isWrite = run.ioDirection === KVM_EXIT_IO_OUT;
+      devices.portIo(run.ioPort, run.ioSize, run.ioCount, isWrite, run.ioData());
+      return;
+    }
+    case KVM_EXIT.MMIO: {
+      const m = run.mmio();
+      devices.mmio(m.physAddr, m.len, m.isWrite, m.data);
+      return;
+    }
+    case KVM_EXIT.INTR:
+      eatKick();
+      return;
+    case KVM_EXIT.HLT:
+      // Only without an in-kernel irqchip; wait for a request a moment, then run again.
+      Atomics.wait(ctl, CTL_DOORBELL, Atomics.load(ctl, CTL_DOORBELL), 1);
+      return;
+    case KVM_EXIT.SHUTDOWN:
+      // A triple fault: a PC resets.
+      park({ type: 'guest-shutdown', reason: 'guest-reset' });
+      return;
+    case KVM_EXIT.SYSTEM_EVENT: {
+      const type = run.systemEvent().type;
+      const cause =
+        type === KVM_SYSTEM_EVENT.RESET
+          ? 'guest-reset'
+          : type === KVM_SYSTEM_EVENT.CRASH
+            ? 'guest-panic'
+            : 'guest-shutdown';
+      park({ type: 'guest-shutdown', reason: cause });
+      return;
+    }
+    case KVM_EXIT.INTERNAL_ERROR: {
+      const ie = run.internalError();
+      park({
+        type: 'internal-error',
+        description: `KVM internal error. Suberror: ${ie.suberror}\n${describeVcpuRegisters(vcpu)}`,
+      });
+      return;
+    }
+    case KVM_EXIT.FAIL_ENTRY: {
+      const fe = run.failEntry();
+      park({
+        type: 'internal-error',
+        description: `KVM_EXIT_FAIL_ENTRY, hardware entry failure reason 0x${fe.hardwareEntryFailureReason.toString(16)}\n${describeVcpuRegisters(vcpu)}`,
+      });
+      return;
+    }
+    case KVM_EXIT.IRQ_WINDOW_OPEN:
+      return;
+    default:
+      park({
+        type: 'internal-error',
+        description: `unhandled KVM exit ${exitReasonName(reason)} (${reason})\n${describeVcpuRegisters(vcpu)}`,
+      });
+  }
+}
+
+function loop(): void {
+  for (;;) {
+    const bell = Atomics.load(ctl, CTL_DOORBELL);
+    drainWork();
+    const request = Atomics.load(ctl, CTL_REQUEST);
+    if (request & REQUEST_EXIT) return;
+    if (request & REQUEST_PAUSE || parked) {
+      if (request & REQUEST_PAUSE && Atomics.load(ctl, CTL_STATE) !== STATE_PAUSED) {
+        Atomics.store(ctl, CTL_STATE, STATE_PAUSED);
+        Atomics.notify(ctl, CTL_STATE);
+      }
+      Atomics.wait(ctl, CTL_DOORBELL, bell);
+      continue;
+    }
+    if (Atomics.load(ctl, CTL_STATE) !== STATE_RUNNING)
+      Atomics.store(ctl, CTL_STATE, STATE_RUNNING);
+    const reason = vcpu.run();
+    if (traceExit.enabled) traceExit.emit({ cpu: data.index, reason: exitReasonName(reason) });
+    handleExit(reason);
+  }
+}
+
+try {
+  blockKickOutsideKvmRun();
+  Atomics.store(ctl, CTL_TID, gettid());
+  post({ type: 'ready', tid: gettid() });
+  loop();
+} catch (err) {
+  post({ type: 'fatal', message: (err as Error).message ?? String(err) });
+  // Wait for the main thread to ask us to end: it owns the decision.
+  while (!(Atomics.load(ctl, CTL_REQUEST) & REQUEST_EXIT)) {
+    const bell = Atomics.load(ctl, CTL_DOORBELL);
+    drainWork();
+    Atomics.wait(ctl, CTL_DOORBELL, bell, 100);
+  }
+} finally {
+  vcpu.close();
+  data.workPort.close();
+  Atomics.store(ctl, CTL_STATE, STATE_EXITED);
+  Atomics.notify(ctl, CTL_STATE);
+}

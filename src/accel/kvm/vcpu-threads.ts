@@ -1,0 +1,295 @@
+/**
+ * The main thread's side of the vCPU threads: creates one worker per vCPU,
+ * pauses and resumes them, queues work on them and ends them. Implements
+ * the lifecycle's CpuController (system/cpus.ts).
+ *
+ * Every vCPU thread starts paused, as QEMU's do until vm_start. Ending
+ * never hangs: each thread is asked to exit and kicked out of KVM_RUN, and
+ * returns by itself (worker.terminate() would hang inside KVM_RUN).
+ */
+import { MessageChannel, Worker } from 'node:worker_threads';
+import type { VcpuDevicePlan } from '../../hw/vcpu-devices.js';
+import type { CpuController } from '../../system/cpus.js';
+import { currentTraceConfig, traceEvent } from '../../trace/control.js';
+import { TsvmmError } from '../../util/errors.js';
+import { getpid, ignoreSignal, tgkill } from './ffi.js';
+import {
+  CTL_CELLS,
+  CTL_DOORBELL,
+  CTL_PIO_COUNT,
+  CTL_REQUEST,
+  CTL_STATE,
+  KICK_SIGNAL,
+  REQUEST_EXIT,
+  REQUEST_PAUSE,
+  STATE_EXITED,
+  STATE_PAUSED,
+  type VcpuMessage,
+  type VcpuWorkRequest,
+} from './vcpu-control.js';
+import type { VcpuThreadData } from './vcpu-thread.js';
+import type { KvmVm } from './vm.js';
+
+/** A failure reported by a vCPU thread, or an operation that failed there. */
+export class VcpuError extends TsvmmError {}
+
+/** What the guest asked for through a vCPU: only the main thread can act on it. */
+export type GuestRequest =
+  | {
+      type: 'guest-shutdown';
+      cpu: number;
+      reason: 'guest-shutdown' | 'guest-reset' | 'guest-panic';
+    }
+  | { type: 'internal-error'; cpu: number; description: string }
+  | { type: 'fatal'; cpu: number; message: string };
+
+export interface VcpuThreadsOptions {
+  vm: KvmVm;
+  count: number;
+  runMmapSize: number;
+  devices: VcpuDevicePlan;
+  onGuestRequest: (request: GuestRequest) => void;
+}
+
+interface Pending {
+  resolve(value: unknown): void;
+  reject(err: Error): void;
+}
+
+class VcpuThread {
+  readonly ctl = new Int32Array(new SharedArrayBuffer(CTL_CELLS * 4));
+  readonly worker: Worker;
+  readonly port: MessageChannel['port1'];
+  tid = 0;
+  readonly exited: Promise<void>;
+  readonly ready: Promise<void>;
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+
+  constructor(
+    readonly index: number,
+    vcpuFd: number,
+    options: VcpuThreadsOptions,
+  ) {
+    const channel = new MessageChannel();
+    this.port = channel.port1;
+    this.ctl[CTL_REQUEST] = REQUEST_PAUSE;
+    const data: VcpuThreadData = {
+      index,
+      vcpuFd,
+      vmFd: options.vm.fd,
+      runMmapSize: options.runMmapSize,
+      control: this.ctl.buffer as SharedArrayBuffer,
+      workPort: channel.port2,
+      devices: options.devices,
+      trace: currentTraceConfig(),
+    };
+    this.worker = new Worker(new URL('./vcpu-thread.js', import.meta.url), {
+      workerData: data,
+      transferList: [channel.port2],
+      name: `vcpu${index}`,
+    });
+    let readyResolve!: () => void;
+    let readyReject!: (err: Error) => void;
+    this.ready = new Promise((resolve, reject) => {
+      readyResolve = resolve;
+      readyReject = reject;
+    });
+    this.worker.on('message', (message: VcpuMessage) => {
+      switch (message.type) {
+        case 'ready':
+          this.tid = message.tid;
+          readyResolve();
+          return;
+        case 'done': {
+          const p = this.pending.get(message.id);
+          this.pending.delete(message.id);
+          if (!p) return;
+          if (message.error) {
+            p.reject(new VcpuError(message.error.code ?? 'VCPU_OP_FAILED', message.error.message));
+          } else p.resolve(message.result);
+          return;
+        }
+        case 'fatal':
+          readyReject(new VcpuError('VCPU_THREAD_FAILED', `vCPU ${index}: ${message.message}`));
+          options.onGuestRequest({ ...message, cpu: index });
+          return;
+        default:
+          options.onGuestRequest({ ...message, cpu: index });
+      }
+    });
+    this.exited = new Promise((resolve) => {
+      this.worker.once('exit', () => {
+        for (const p of this.pending.values()) {
+          p.reject(new VcpuError('VCPU_EXITED', `vCPU ${index} thread ended`));
+        }
+        this.pending.clear();
+        readyReject(new VcpuError('VCPU_EXITED', `vCPU ${index} thread ended before it was ready`));
+        resolve();
+      });
+    });
+    this.worker.on('error', (err) => {
+      options.onGuestRequest({ type: 'fatal', cpu: index, message: err.message });
+    });
+  }
+
+  ring(): void {
+    Atomics.add(this.ctl, CTL_DOORBELL, 1);
+    Atomics.notify(this.ctl, CTL_DOORBELL);
+  }
+
+  kick(): void {
+    if (this.tid > 0 && Atomics.load(this.ctl, CTL_STATE) !== STATE_EXITED) {
+      tgkill(getpid(), this.tid, KICK_SIGNAL);
+    }
+  }
+
+  queue(op: string, arg: unknown, wait: boolean): Promise<unknown> {
+    const id = this.nextId++;
+    const request: VcpuWorkRequest = { id, op, arg };
+    const done = wait
+      ? new Promise<unknown>((resolve, reject) => this.pending.set(id, { resolve, reject }))
+      : Promise.resolve(undefined);
+    this.port.postMessage(request);
+    this.ring();
+    this.kick();
+    return done;
+  }
+
+  async waitPaused(): Promise<void> {
+    for (;;) {
+      const state = Atomics.load(this.ctl, CTL_STATE);
+      if (state === STATE_PAUSED || state === STATE_EXITED) return;
+      await waitAsync(this.ctl, CTL_STATE, state, 100);
+    }
+  }
+}
+
+/** Atomics.waitAsync, typed here because the ES2022 lib lacks it. */
+function waitAsync(
+  cells: Int32Array,
+  index: number,
+  value: number,
+  timeoutMs: number,
+): Promise<unknown> {
+  const wa = (
+    Atomics as unknown as {
+      waitAsync(
+        a: Int32Array,
+        i: number,
+        v: number,
+        t: number,
+      ): { async: boolean; value: Promise<string> | string };
+    }
+  ).waitAsync(cells, index, value, timeoutMs);
+  return wa.async ? (wa.value as Promise<string>) : Promise.resolve(wa.value);
+}
+
+const traceKick = traceEvent('kvm_vcpu_kick');
+const tracePause = traceEvent('pause_all_vcpus');
+const traceResume = traceEvent('resume_all_vcpus');
+const traceRunOnCpu = traceEvent('run_on_cpu');
+const traceAsyncRunOnCpu = traceEvent('async_run_on_cpu');
+
+let kickSignalIgnored = false;
+
+/** All vCPU threads of one VM. */
+export class VcpuThreads implements CpuController {
+  private constructor(private readonly threads: VcpuThread[]) {}
+
+  /** Creates the vCPUs (KVM_CREATE_VCPU) and their threads, and waits until each is ready and paused. */
+  static async start(options: VcpuThreadsOptions): Promise<VcpuThreads> {
+    if (!kickSignalIgnored) {
+      // A stray process-wide kick must not end Node; threads block it anyway.
+      ignoreSignal(KICK_SIGNAL);
+      kickSignalIgnored = true;
+    }
+    const threads: VcpuThread[] = [];
+    const all = new VcpuThreads(threads);
+    try {
+      for (let i = 0; i < options.count; i++) {
+        const fd = options.vm.createVcpu(i);
+        threads.push(new VcpuThread(i, fd, options));
+      }
+      await Promise.all(threads.map((t) => t.ready));
+      await Promise.all(threads.map((t) => t.waitPaused()));
+    } catch (err) {
+      await all.end();
+      throw err;
+    }
+    return all;
+  }
+
+  get count(): number {
+    return this.threads.length;
+  }
+
+  /** Kernel thread ids of the vCPU threads, by index (query-cpus-fast's thread-id). */
+  get threadIds(): number[] {
+    return this.threads.map((t) => t.tid);
+  }
+
+  /** Writes the guest made to the counting port, summed over vCPUs (the exit-rate benchmark). */
+  countedWrites(): number {
+    return this.threads.reduce((sum, t) => sum + Atomics.load(t.ctl, CTL_PIO_COUNT), 0);
+  }
+
+  async pauseAll(): Promise<void> {
+    tracePause.emit({ count: this.threads.length });
+    for (const t of this.threads) {
+      Atomics.or(t.ctl, CTL_REQUEST, REQUEST_PAUSE);
+      t.ring();
+      traceKick.emit({ cpu: t.index });
+      t.kick();
+    }
+    await Promise.all(this.threads.map((t) => t.waitPaused()));
+  }
+
+  async resumeAll(): Promise<void> {
+    traceResume.emit({ count: this.threads.length });
+    for (const t of this.threads) {
+      Atomics.and(t.ctl, CTL_REQUEST, ~REQUEST_PAUSE);
+      t.ring();
+    }
+  }
+
+  runOnCpu(cpu: number, op: string, arg?: unknown): Promise<unknown> {
+    traceRunOnCpu.emit({ cpu, op });
+    return this.thread(cpu).queue(op, arg, true);
+  }
+
+  asyncRunOnCpu(cpu: number, op: string, arg?: unknown): void {
+    traceAsyncRunOnCpu.emit({ cpu, op });
+    void this.thread(cpu).queue(op, arg, false);
+  }
+
+  /** Asks every thread to end, kicks it out of KVM_RUN, and waits until all have ended. */
+  async end(): Promise<void> {
+    for (const t of this.threads) {
+      Atomics.or(t.ctl, CTL_REQUEST, REQUEST_EXIT);
+      t.ring();
+      t.kick();
+    }
+    // A thread inside a long KVM_RUN may have taken the first kick before
+    // seeing the request; kick again until every thread is gone.
+    const timer = setInterval(() => {
+      for (const t of this.threads) t.kick();
+    }, 20);
+    try {
+      await Promise.all(this.threads.map((t) => t.exited));
+    } finally {
+      clearInterval(timer);
+      for (const t of this.threads) t.port.close();
+    }
+  }
+
+  private thread(cpu: number): VcpuThread {
+    const t = this.threads[cpu];
+    if (!t)
+      throw new VcpuError(
+        'VCPU_NO_SUCH_CPU',
+        `there is no vCPU ${cpu} (the VM has ${this.threads.length})`,
+      );
+    return t;
+  }
+}

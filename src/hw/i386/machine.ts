@@ -1,0 +1,169 @@
+/**
+ * The x86 machine: one KVM VM with its RAM, in-kernel irqchip and PIT, a
+ * COM1 UART, the kvmclock device, one thread per vCPU, and the VM lifecycle
+ * that ties them together. This is what `tsvmm` builds from its options.
+ */
+
+import { KVM_CAP, KVM_CLOCK_TSC_STABLE } from '../../accel/kvm/ioctls.js';
+import { GuestMemory } from '../../accel/kvm/memory/guest-memory.js';
+import { Kvm } from '../../accel/kvm/system.js';
+import { type GuestRequest, VcpuThreads } from '../../accel/kvm/vcpu-threads.js';
+import type { KvmVm } from '../../accel/kvm/vm.js';
+import { VmLifecycle } from '../../system/cpus.js';
+import { TsvmmError } from '../../util/errors.js';
+import { COM1_BASE, COM1_IRQ, createSerialState, Serial16550 } from '../char/serial.js';
+import { KvmClockDevice, type KvmClockFaults } from './kvm/clock.js';
+import { MSR_KVM_SYSTEM_TIME_NEW, pvclockNsAt, readPvclock } from './kvm/pvclock.js';
+import { writeLongModeTables } from './long-mode.js';
+import {
+  DEFAULT_TICK_NS,
+  PROBE_LOAD_ADDR,
+  PROBE_MAX_CPUS,
+  type ProbeGuestName,
+  probeEntry,
+  probeImage,
+  probeMemoryNeeded,
+} from './probe-boot.js';
+
+const MSR_IA32_TSC = 0x10;
+/** Where KVM may put the three pages Intel VMX needs for real mode: just below the BIOS. */
+const TSS_ADDR = 0xfffbd000;
+/** The port the I/O-loop guest writes to (bench/exit-rate). */
+export const COUNTING_PORT = 0x500;
+
+export interface MachineOptions {
+  cpus: number;
+  memoryBytes: number;
+  guest: ProbeGuestName;
+  /** Interval between the probe's tick lines. */
+  tickNs?: bigint;
+  /** Where the UART's output goes: an fd, or null to drop it (`-serial none`). */
+  serialFd: number | null;
+  /** kvmclock's `x-mach-use-reliable-get-clock`. */
+  useReliableGetClock?: boolean;
+  faults?: KvmClockFaults;
+  kvmPath?: string;
+  /** Called on the main thread when a vCPU reports a guest power-off, reset or a failure. */
+  onGuestRequest?: (request: GuestRequest) => void;
+}
+
+export class MachineError extends TsvmmError {}
+
+/** A created, not yet started VM (it sits in prelaunch until vmStart). */
+export class X86Machine {
+  private constructor(
+    readonly kvm: Kvm,
+    readonly vm: KvmVm,
+    readonly memory: GuestMemory,
+    readonly vcpus: VcpuThreads,
+    readonly lifecycle: VmLifecycle,
+    readonly kvmclock: KvmClockDevice,
+    /** The main thread's handle on the UART, for console input. */
+    readonly serial: Serial16550,
+  ) {}
+
+  static async create(options: MachineOptions): Promise<X86Machine> {
+    if (options.cpus < 1 || options.cpus > PROBE_MAX_CPUS) {
+      throw new MachineError(
+        'MACHINE_CPUS',
+        `-smp ${options.cpus}: tsvmm supports 1 to ${PROBE_MAX_CPUS} vCPUs`,
+      );
+    }
+    if (options.memoryBytes < probeMemoryNeeded(options.cpus)) {
+      throw new MachineError(
+        'MACHINE_MEMORY',
+        `-m ${options.memoryBytes} bytes is too small for ${options.cpus} vCPUs: give at least ${Math.ceil(probeMemoryNeeded(options.cpus) / 2 ** 20)} MiB`,
+      );
+    }
+    const cleanups: (() => void | Promise<void>)[] = [];
+    const undo = async () => {
+      for (const fn of cleanups.reverse()) await fn();
+    };
+    try {
+      const kvm = Kvm.open(options.kvmPath ? { path: options.kvmPath } : {});
+      cleanups.push(() => kvm.close());
+      const vm = kvm.createVm();
+      cleanups.push(() => vm.close());
+      vm.setTssAddr(TSS_ADDR);
+      vm.createIrqchip();
+      vm.createPit2();
+
+      const memory = GuestMemory.create(options.memoryBytes);
+      cleanups.push(() => memory.close());
+      memory.register(vm);
+      writeLongModeTables(memory);
+      memory.write(PROBE_LOAD_ADDR, probeImage(options.guest));
+
+      const serialState = createSerialState();
+      const vcpus = await VcpuThreads.start({
+        vm,
+        count: options.cpus,
+        runMmapSize: kvm.getVcpuMmapSize(),
+        devices: {
+          serial: { state: serialState, base: COM1_BASE, irq: COM1_IRQ, outFd: options.serialFd },
+          countingPort: COUNTING_PORT,
+        },
+        onGuestRequest: (request) => options.onGuestRequest?.(request),
+      });
+      cleanups.push(() => vcpus.end());
+      const tick = options.tickNs ?? DEFAULT_TICK_NS;
+      for (let cpu = 0; cpu < options.cpus; cpu++) {
+        await vcpus.runOnCpu(cpu, 'start_long_mode', probeEntry(cpu, tick));
+      }
+
+      const lifecycle = new VmLifecycle({ cpus: vcpus });
+      const adjust = kvm.checkExtension(KVM_CAP.ADJUST_CLOCK);
+      const kvmclock = new KvmClockDevice(
+        {
+          getClock: () => vm.getClock(),
+          setClock: (clock) => vm.setClock({ clock }),
+          hasKvmclockCtrl: kvm.checkExtension(KVM_CAP.KVMCLOCK_CTRL) > 0,
+          clockIsReliableFromHost: (adjust & KVM_CLOCK_TSC_STABLE) !== 0,
+          readGuestPvclockNs: () => readGuestKvmclock(vcpus, memory),
+        },
+        vcpus,
+        {
+          ...(options.useReliableGetClock !== undefined
+            ? { useReliableGetClock: options.useReliableGetClock }
+            : {}),
+          ...(options.faults ? { faults: options.faults } : {}),
+        },
+      );
+      kvmclock.realize(lifecycle.notifiers);
+      const serial = new Serial16550(serialState, {
+        transmit: () => {},
+        setIrq: (level) => vm.irqLine(COM1_IRQ, level ? 1 : 0),
+      });
+      return new X86Machine(kvm, vm, memory, vcpus, lifecycle, kvmclock, serial);
+    } catch (err) {
+      await undo();
+      throw err;
+    }
+  }
+
+  /** Ends the vCPU threads (kicking each out of KVM_RUN) and releases RAM and fds. */
+  async destroy(): Promise<void> {
+    await this.vcpus.end();
+    this.kvmclock.unrealize(this.lifecycle.notifiers);
+    this.memory.close();
+    this.vm.close();
+    this.kvm.close();
+  }
+}
+
+/**
+ * The guest's kvmclock as vCPU 0 sees it now: its pvclock page read at its
+ * current TSC, both taken on vCPU 0's thread. 0 if kvmclock is off.
+ */
+async function readGuestKvmclock(vcpus: VcpuThreads, memory: GuestMemory): Promise<bigint> {
+  const msrs = (await vcpus.runOnCpu(0, 'get_msrs', [MSR_KVM_SYSTEM_TIME_NEW, MSR_IA32_TSC])) as {
+    index: number;
+    data: bigint;
+  }[];
+  const systemTime = msrs.find((m) => m.index === MSR_KVM_SYSTEM_TIME_NEW)?.data ?? 0n;
+  const tsc = msrs.find((m) => m.index === MSR_IA32_TSC)?.data;
+  if ((systemTime & 1n) === 0n || tsc === undefined) return 0n;
+  const gpa = systemTime & ~1n;
+  const info = readPvclock(() => memory.read(gpa, 32));
+  return pvclockNsAt(info, tsc);
+}

@@ -1,0 +1,102 @@
+/**
+ * The devices a vCPU thread serves itself when the guest touches I/O ports
+ * or unassigned memory, and the plain-data plan each vCPU thread builds
+ * them from.
+ *
+ * Device handlers run on the vCPU thread that took the exit, as KVM
+ * delivers it, rather than on the main thread: a round trip to the main
+ * thread would cost more than the exit itself (about 7 µs here). Device
+ * state that several threads share lives in SharedArrayBuffers under a
+ * shared lock (see hw/char/serial.ts), which plays the part of QEMU's big
+ * lock.
+ */
+import { writeSync } from 'node:fs';
+import { Serial16550 } from './char/serial.js';
+
+/** Everything a vCPU thread needs to build its view of the devices: plain, transferable data. */
+export interface VcpuDevicePlan {
+  /** The UART, or absent for `-serial none`. */
+  serial?: {
+    state: SharedArrayBuffer;
+    base: number;
+    irq: number;
+    /** Where transmitted bytes go; null discards them. */
+    outFd: number | null;
+  };
+  /** A port whose writes are only counted (the exit-rate benchmark's target). */
+  countingPort?: number;
+}
+
+/** How the devices reach the interrupt controller and the exit counter. */
+export interface VcpuDeviceHost {
+  setIrqLine(irq: number, level: boolean): void;
+  countWrite(): void;
+  unassigned(kind: 'pio' | 'mmio', addr: number | bigint, size: number, write: boolean): void;
+}
+
+/** Port and MMIO dispatch for one vCPU thread. */
+export class VcpuDevices {
+  private readonly serial: Serial16550 | undefined;
+  private readonly serialBase: number;
+  private readonly countingPort: number;
+
+  constructor(
+    plan: VcpuDevicePlan,
+    private readonly host: VcpuDeviceHost,
+  ) {
+    const serial = plan.serial;
+    this.serialBase = serial?.base ?? -1;
+    this.countingPort = plan.countingPort ?? -1;
+    this.serial = serial
+      ? new Serial16550(serial.state, {
+          transmit: (bytes) => {
+            if (serial.outFd !== null) writeAll(serial.outFd, bytes);
+          },
+          setIrq: (level) => host.setIrqLine(serial.irq, level),
+        })
+      : undefined;
+  }
+
+  /**
+   * One KVM_EXIT_IO: `data` holds size x count bytes, to read for an OUT
+   * and to fill for an IN.
+   */
+  portIo(port: number, size: number, count: number, isWrite: boolean, data: Uint8Array): void {
+    if (port === this.countingPort && isWrite) {
+      this.host.countWrite();
+      return;
+    }
+    if (this.serial && port >= this.serialBase && port < this.serialBase + 8 && size === 1) {
+      const offset = port - this.serialBase;
+      if (isWrite) {
+        if (count === 1) this.serial.write(offset, data[0]!);
+        else this.serial.writeMany(offset, data);
+      } else {
+        for (let i = 0; i < count; i++) data[i] = this.serial.read(offset);
+      }
+      return;
+    }
+    // Nothing here: reads float high, as on a PC bus, and writes are dropped.
+    if (!isWrite) data.fill(0xff);
+    this.host.unassigned('pio', port, size, isWrite);
+  }
+
+  /** One KVM_EXIT_MMIO to an address no device claims: reads are all-ones. */
+  mmio(addr: bigint, len: number, isWrite: boolean, data: Uint8Array): void {
+    if (!isWrite) data.fill(0xff, 0, len);
+    this.host.unassigned('mmio', addr, len, isWrite);
+  }
+}
+
+function writeAll(fd: number, bytes: Uint8Array): void {
+  let done = 0;
+  while (done < bytes.byteLength) {
+    try {
+      done += writeSync(fd, bytes, done);
+    } catch (err) {
+      // A full non-blocking pipe: retry; a closed one: drop the output, keep the guest running.
+      if ((err as NodeJS.ErrnoException).code === 'EAGAIN') continue;
+      return;
+    }
+  }
+}
