@@ -22,7 +22,7 @@ if (files.length === 0) {
 }
 const filter = process.argv.slice(2);
 const chosen = filter.length ? files.filter((f) => filter.some((p) => f.includes(p))) : files;
-const result = spawnSync(process.execPath, ['--test', '--test-concurrency=1', ...chosen], {
+const result = spawnSync(process.execPath, ['--test', '--test-concurrency=1', '--test-timeout=180000', ...chosen], {
   stdio: 'inherit',
 });
 process.exit(result.status ?? 1);

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
 import { test } from 'node:test';
+import { eventually } from '../test-support/eventually.js';
 import { captureTrace, traceBody } from '../trace/capture.js';
 import { VmLifecycle } from './cpus.js';
 import {
@@ -148,14 +149,15 @@ test('under -no-shutdown a guest shutdown stops the VM and the loop goes on', as
   const loop = new MainLoop({ lifecycle: vm, noShutdown: true, log: () => {} });
   const status = runUntilShutdown(loop, vm);
   loop.requestShutdown('guest-shutdown');
-  await new Promise((r) => setTimeout(r, 10));
-  assert.equal(vm.runstate.current, 'shutdown');
-  assert.deepEqual(log, [
-    'SHUTDOWN guest=true reason=guest-shutdown',
-    'pauseAll',
-    'notify 0 shutdown',
-    'STOP',
-  ]);
+  await eventually(() => {
+    assert.equal(vm.runstate.current, 'shutdown');
+    assert.deepEqual(log, [
+      'SHUTDOWN guest=true reason=guest-shutdown',
+      'pauseAll',
+      'notify 0 shutdown',
+      'STOP',
+    ]);
+  });
   loop.requestShutdown('host-signal', 'SIGTERM');
   assert.equal(await status, 0);
   assert.equal(log.at(-1), 'SHUTDOWN guest=false reason=host-signal');
@@ -166,13 +168,14 @@ test('a reset request resets the machine on the main loop; -no-reboot turns a gu
   const loop = new MainLoop({ lifecycle: a.vm });
   const status = runUntilShutdown(loop, a.vm);
   loop.requestReset('guest-reset');
-  await new Promise((r) => setTimeout(r, 10));
-  assert.deepEqual(a.log, [
-    'pauseAll',
-    'synchronizeState',
-    'RESET guest=true reason=guest-reset',
-    'resumeAll',
-  ]);
+  await eventually(() =>
+    assert.deepEqual(a.log, [
+      'pauseAll',
+      'synchronizeState',
+      'RESET guest=true reason=guest-reset',
+      'resumeAll',
+    ]),
+  );
   loop.requestShutdown('host-qmp-quit');
   assert.equal(await status, 0);
 
@@ -192,9 +195,10 @@ test('a vmstop request stops the VM from the main loop', async () => {
   const loop = new MainLoop({ lifecycle: vm });
   const status = runUntilShutdown(loop, vm);
   loop.requestVmStop('internal-error');
-  await new Promise((r) => setTimeout(r, 10));
-  assert.equal(vm.runstate.current, 'internal-error');
-  assert.deepEqual(log, ['pauseAll', 'notify 0 internal-error', 'STOP']);
+  await eventually(() => {
+    assert.equal(vm.runstate.current, 'internal-error');
+    assert.deepEqual(log, ['pauseAll', 'notify 0 internal-error', 'STOP']);
+  });
   loop.requestShutdown('host-qmp-quit');
   assert.equal(await status, 0);
 });

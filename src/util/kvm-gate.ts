@@ -54,5 +54,7 @@ function kernelRegisteredKvm(): boolean {
 
 function vendorHint(): string {
   const vendors = ['kvm_intel', 'kvm_amd', 'kvm_pvm'].filter((m) => existsSync(`/sys/module/${m}`));
-  return vendors.length ? `; vendor modules present but not bound: ${vendors.join(', ')}` : '; no kvm vendor module';
+  return vendors.length
+    ? `; vendor modules present but not bound: ${vendors.join(', ')}`
+    : '; no kvm vendor module';
 }

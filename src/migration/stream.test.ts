@@ -1,0 +1,403 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { openIncoming, withOutgoing } from './channels.js';
+import { MigrationStreamError } from './errors.js';
+import { BufferSink, bufferSource } from './qemu-file.js';
+import { createBufferRam, PAGE_SIZE } from './ram.js';
+import {
+  type DeviceSection,
+  loadVmState,
+  MigrationStreamWriter,
+  QEMU_VM_FILE_MAGIC,
+  saveVmState,
+  type VMDesc,
+} from './stream.js';
+import { allTypes, type FixtureMachine, fixtureMachine } from './test-fixtures.js';
+
+const MACHINE = 'pc-i440fx-tsvmm';
+const dir = mkdtempSync(join(tmpdir(), 'tsvmm-stream-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+async function saveToBuffer(
+  m: FixtureMachine,
+  vcpus = m.cpus.length,
+  chunkPages = 64,
+): Promise<Buffer> {
+  const sink = new BufferSink();
+  await saveVmState({
+    sink,
+    machineType: MACHINE,
+    vcpus,
+    ram: m.ram,
+    devices: m.devices,
+    chunkPages,
+  });
+  return sink.bytes();
+}
+
+function load(data: Uint8Array, m: FixtureMachine, machineType = MACHINE, ramIsZeroed = false) {
+  return loadVmState({
+    source: bufferSource(data),
+    machineType,
+    ramIsZeroed,
+    vcpus: m.cpus.length,
+    ram: m.ram,
+    devices: m.devices,
+  });
+}
+
+/** The destination's devices are exactly as created: no setter or hook ran. */
+function assertUntouched(m: FixtureMachine): void {
+  assert.deepEqual(m.all, allTypes(false));
+  assert.equal(m.clock.clock, 0n);
+  assert.equal(m.clock.reliable, true, 'preLoad of kvmclock must not have run');
+  for (const c of m.cpus) assert.equal(c.rip, 0n);
+}
+
+function assertSameMachine(dst: FixtureMachine, src: FixtureMachine): void {
+  assert.deepEqual({ ...dst.all, log: [] }, { ...src.all, absent: 7, log: [] });
+  assert.deepEqual(dst.clock, src.clock);
+  assert.deepEqual(dst.cpus, src.cpus);
+  for (const [id, mem] of src.ram.memory) {
+    assert.ok(Buffer.from(dst.ram.memory.get(id)!).equals(mem), `RAM block ${id} differs`);
+  }
+}
+
+async function refusal(p: Promise<unknown>): Promise<MigrationStreamError> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(
+      err instanceof MigrationStreamError,
+      `expected MigrationStreamError, got ${String(err)}`,
+    );
+    return err;
+  }
+  assert.fail('the stream was accepted');
+}
+
+describe('migration stream', () => {
+  test('a machine saved to a file: channel loads back equal, hooks in QEMU order', async () => {
+    const src = fixtureMachine(true);
+    const path = join(dir, 'roundtrip.qevm');
+    const stats = await withOutgoing(`file:${path}`, (sink) =>
+      saveVmState({ sink, machineType: MACHINE, vcpus: 2, ram: src.ram, devices: src.devices }),
+    );
+    assert.equal(src.all.log.join(','), 'preSave');
+    const dst = fixtureMachine(false);
+    const ch = await openIncoming(`file:${path}`);
+    const res = await loadVmState({
+      source: ch.source,
+      machineType: MACHINE,
+      vcpus: 2,
+      ram: dst.ram,
+      devices: dst.devices,
+    });
+    await ch.close();
+    assertSameMachine(dst, src);
+    // 'absent' subsection was not needed: the destination keeps its own value.
+    assert.equal(dst.all.absent, 7);
+    assert.deepEqual(dst.all.log, ['preLoad', 'extra.preLoad', 'extra.postLoad', 'postLoad v2']);
+    assert.equal(res.bytes, stats.bytes);
+    assert.equal(res.normalPages, stats.normalPages);
+    assert.equal(res.zeroPages, stats.zeroPages);
+    assert.equal(stats.normalPages + stats.zeroPages, 512 + 16);
+  });
+
+  test('the file is a QEVM v3 stream with a configuration section and a vmdesc JSON listing every device', async () => {
+    const src = fixtureMachine(true);
+    const data = await saveToBuffer(src);
+    assert.equal(data.readUInt32BE(0), QEMU_VM_FILE_MAGIC);
+    assert.equal(data.subarray(0, 4).toString('latin1'), 'QEVM');
+    assert.equal(data.readUInt32BE(4), 3);
+    assert.equal(data[8], 0x07, 'QEMU_VM_CONFIGURATION');
+    assert.equal(data.readUInt32BE(9), MACHINE.length);
+    assert.equal(data.subarray(13, 13 + MACHINE.length).toString(), MACHINE);
+    // The JSON after EOF, found the way analyze-migration.py finds it.
+    const nul = data.lastIndexOf(0);
+    const start = data.indexOf('{', nul);
+    assert.equal(data[start - 5], 0x06, 'QEMU_VM_VMDESCRIPTION');
+    const len = data.readUInt32BE(start - 4);
+    assert.equal(start + len, data.length);
+    const desc = JSON.parse(data.subarray(start, start + len).toString()) as VMDesc;
+    assert.equal(desc.page_size, 4096);
+    assert.deepEqual(desc.configuration.fields[1], {
+      name: 'name',
+      type: 'buffer',
+      size: MACHINE.length,
+    });
+    const names = desc.devices.map((d) => `${d.name}/${d.instance_id}`);
+    for (const d of src.devices) assert.ok(names.includes(`${d.idstr}/${d.instanceId}`), d.idstr);
+    for (const d of ['tsvmm-machine/0', 'tsvmm-integrity/0', 'tsvmm-stream-end/0']) {
+      assert.ok(names.includes(d), d);
+    }
+    const all = desc.devices.find((d) => d.name === 'test-all-types')!;
+    assert.deepEqual(
+      all.fields.find((f) => f.name === 'regs'),
+      {
+        name: 'regs',
+        array_len: 4,
+        type: 'uint32',
+        size: 4,
+      },
+    );
+    assert.deepEqual(
+      all.subsections?.map((s) => s.vmsd_name),
+      ['test-all-types/extra'],
+      'only the subsections that were sent are described',
+    );
+  });
+
+  test('zero pages take 9 bytes each (header with CONTINUE, one fill byte)', async () => {
+    const zeros = createBufferRam([{ id: 'pc.ram', size: 4096 * PAGE_SIZE }]);
+    const sink = new BufferSink();
+    const stats = await saveVmState({
+      sink,
+      machineType: MACHINE,
+      vcpus: 1,
+      ram: zeros,
+      devices: [],
+    });
+    assert.equal(stats.zeroPages, 4096);
+    assert.equal(stats.normalPages, 0);
+    const size = sink.bytes().length;
+    assert.ok(size < 4096 * 9 + 4096, `16 MiB of zero RAM took ${size} bytes`);
+    const dst = createBufferRam([{ id: 'pc.ram', size: 4096 * PAGE_SIZE }]);
+    dst.memory.get('pc.ram')!.fill(0xff);
+    await loadVmState({
+      source: bufferSource(sink.bytes()),
+      machineType: MACHINE,
+      vcpus: 1,
+      ram: dst,
+      devices: [],
+    });
+    assert.ok(
+      dst.memory.get('pc.ram')!.every((b) => b === 0),
+      'zero pages overwrite stale data',
+    );
+  });
+
+  test('a stream truncated anywhere is refused with MIGRATION_TRUNCATED and no device state applied', async () => {
+    const data = await saveToBuffer(fixtureMachine(true, { ramPages: 32 }));
+    const offsets = new Set<number>([0, 1, 3, 4, 7, 8]);
+    for (let i = 0; i < 600; i++) offsets.add(i);
+    for (let i = 600; i < data.length - 2000; i += 173) offsets.add(i);
+    for (let i = Math.max(0, data.length - 2000); i < data.length; i++) offsets.add(i);
+    for (const cut of offsets) {
+      const dst = fixtureMachine(false, { ramPages: 32 });
+      const err = await refusal(load(data.subarray(0, cut), dst));
+      assert.equal(err.code, 'MIGRATION_TRUNCATED', `cut at ${cut}: ${err.message}`);
+      assertUntouched(dst);
+    }
+  });
+
+  test('a single flipped bit anywhere is refused and no device state is applied', async () => {
+    const data = await saveToBuffer(fixtureMachine(true, { ramPages: 32 }));
+    const offsets = new Set<number>();
+    for (let i = 0; i < 600; i++) offsets.add(i);
+    for (let i = 600; i < data.length - 2500; i += 61) offsets.add(i);
+    for (let i = Math.max(0, data.length - 2500); i < data.length; i++) offsets.add(i);
+    const codes = new Set<string>();
+    for (const off of offsets) {
+      const bad = Buffer.from(data);
+      bad[off]! ^= 1 << (off % 8);
+      const dst = fixtureMachine(false, { ramPages: 32 });
+      const err = await refusal(load(bad, dst));
+      codes.add(err.code);
+      assertUntouched(dst);
+    }
+    assert.ok(codes.has('MIGRATION_CHECKSUM'), [...codes].join());
+  });
+
+  test('a damaged RAM page is caught by its chunk checksum before it reaches guest memory', async () => {
+    const src = fixtureMachine(true, { ramPages: 256 });
+    const data = await saveToBuffer(src, 2, 16);
+    // The last random page of pc.ram: find its bytes in the stream.
+    const page = src.ram.memory.get('pc.ram')!.subarray(253 * PAGE_SIZE, 254 * PAGE_SIZE);
+    const at = data.indexOf(Buffer.from(page));
+    assert.ok(at > 0);
+    data[at + 100]! ^= 0x10;
+    const dst = fixtureMachine(false, { ramPages: 256 });
+    const err = await refusal(load(data, dst));
+    assert.equal(err.code, 'MIGRATION_CHECKSUM');
+    assert.equal(err.ramTouched, true, 'earlier verified chunks were written');
+    assert.ok(
+      dst.ram.memory
+        .get('pc.ram')!
+        .subarray(253 * PAGE_SIZE)
+        .every((b) => b === 0),
+    );
+    assertUntouched(dst);
+  });
+
+  test('a file that is not QEVM is refused with MIGRATION_BAD_MAGIC', async () => {
+    const dst = fixtureMachine(false);
+    const err = await refusal(
+      load(Buffer.from('\x7fELF\x02\x01\x01\x00 this is not a migration stream'), dst),
+    );
+    assert.equal(err.code, 'MIGRATION_BAD_MAGIC');
+    assert.match(err.message, /QEVM/);
+    assertUntouched(dst);
+  });
+
+  test('a QEVM file of version 2 is refused with MIGRATION_VERSION', async () => {
+    const data = await saveToBuffer(fixtureMachine(true));
+    data.writeUInt32BE(2, 4);
+    const dst = fixtureMachine(false);
+    const err = await refusal(load(data, dst));
+    assert.equal(err.code, 'MIGRATION_VERSION');
+    assert.match(err.message, /version 2/);
+  });
+
+  test("another program's QEVM stream (no tsvmm sections) is refused as foreign", async () => {
+    // What QEMU writes first: configuration, then START 'ram'.
+    const b = Buffer.alloc(64);
+    let o = b.writeUInt32BE(QEMU_VM_FILE_MAGIC, 0);
+    o = b.writeUInt32BE(3, o);
+    o = b.writeUInt8(7, o);
+    o = b.writeUInt32BE(MACHINE.length, o);
+    o += b.write(MACHINE, o);
+    o = b.writeUInt8(1, o);
+    o = b.writeUInt32BE(2, o);
+    o = b.writeUInt8(3, o);
+    o += b.write('ram', o);
+    const err = await refusal(load(b, fixtureMachine(false)));
+    assert.equal(err.code, 'MIGRATION_FOREIGN');
+  });
+
+  test('a different RAM size is refused naming both sizes', async () => {
+    const data = await saveToBuffer(fixtureMachine(true, { ramPages: 64 }));
+    const dst = fixtureMachine(false, { ramPages: 128 });
+    const err = await refusal(load(data, dst));
+    assert.equal(err.code, 'MIGRATION_SHAPE_MISMATCH');
+    assert.match(err.message, /RAM size mismatch.*327680 bytes.*589824/);
+    assert.equal(err.ramTouched, false);
+    assertUntouched(dst);
+  });
+
+  test('a different vCPU count is refused naming both counts, before any RAM is written', async () => {
+    const data = await saveToBuffer(fixtureMachine(true, { vcpus: 4 }));
+    const dst = fixtureMachine(false, { vcpus: 2 });
+    const err = await refusal(load(data, dst));
+    assert.equal(err.code, 'MIGRATION_SHAPE_MISMATCH');
+    assert.match(
+      err.message,
+      /vCPU count mismatch: the stream has 4 vCPU\(s\), this machine has 2/,
+    );
+    assert.equal(err.ramTouched, false);
+  });
+
+  test('a different machine type, an unknown section and a missing device are refused', async () => {
+    const src = fixtureMachine(true);
+    const data = await saveToBuffer(src);
+    const typeErr = await refusal(load(data, fixtureMachine(false), 'q35'));
+    assert.equal(typeErr.code, 'MIGRATION_SHAPE_MISMATCH');
+    assert.match(typeErr.message, /'pc-i440fx-tsvmm'.*'q35'/);
+
+    const fewer = fixtureMachine(false);
+    const noClock: FixtureMachine = {
+      ...fewer,
+      devices: fewer.devices.filter((d) => d.idstr !== 'kvmclock'),
+    };
+    const unknown = await refusal(load(data, noClock));
+    assert.equal(unknown.code, 'MIGRATION_SHAPE_MISMATCH');
+    assert.match(unknown.message, /'kvmclock' instance 0/);
+
+    const more = fixtureMachine(false);
+    const extra: DeviceSection = {
+      idstr: 'serial',
+      instanceId: 0,
+      vmsd: { name: 'serial', version: 1, fields: [] },
+      state: {},
+    };
+    const missing = await refusal(load(data, { ...more, devices: [...more.devices, extra] }));
+    assert.equal(missing.code, 'MIGRATION_SHAPE_MISMATCH');
+    assert.match(missing.message, /no state for 'serial' instance 0/);
+    assertUntouched(more);
+  });
+
+  test('precopy passes: pages sent again later win, and the END carries the last dirty pages', async () => {
+    const src = fixtureMachine(true, { ramPages: 64 });
+    const sink = new BufferSink();
+    const w = new MigrationStreamWriter({
+      sink,
+      machineType: MACHINE,
+      vcpus: 2,
+      ram: src.ram,
+      devices: src.devices,
+      chunkPages: 8,
+    });
+    await w.begin();
+    await w.sendRam();
+    const mem = src.ram.memory.get('pc.ram')!;
+    mem.fill(0xaa, 5 * PAGE_SIZE, 6 * PAGE_SIZE);
+    mem.fill(0x00, 9 * PAGE_SIZE, 10 * PAGE_SIZE);
+    await w.sendRam([{ block: 'pc.ram', pages: [5, 9] }]);
+    mem.fill(0xbb, 40 * PAGE_SIZE, 42 * PAGE_SIZE);
+    src.cpus[0]!.rip = 0x1234n;
+    const stats = await w.complete([{ block: 'pc.ram', pages: [40, 41] }]);
+    assert.equal(stats.normalPages + stats.zeroPages, 64 + 16 + 4);
+    for (const ramIsZeroed of [false, true]) {
+      // Page 9 was random in the first pass and zero in the second: even
+      // on fresh RAM the zero page must overwrite what this load wrote.
+      const dst = fixtureMachine(false, { ramPages: 64 });
+      await load(sink.bytes(), dst, MACHINE, ramIsZeroed);
+      assertSameMachine(dst, src);
+    }
+  });
+
+  test('a device preSave failure aborts the file: channel and leaves no file behind', async () => {
+    const src = fixtureMachine(true);
+    const path = join(dir, 'failing.qevm');
+    const broken: DeviceSection = {
+      idstr: 'broken',
+      instanceId: 0,
+      vmsd: {
+        name: 'broken',
+        version: 1,
+        fields: [],
+        preSave: () => {
+          throw new Error('device busy');
+        },
+      },
+      state: {},
+    };
+    await assert.rejects(
+      withOutgoing(`file:${path}`, (sink) =>
+        saveVmState({
+          sink,
+          machineType: MACHINE,
+          vcpus: 2,
+          ram: src.ram,
+          devices: [...src.devices, broken],
+        }),
+      ),
+      /device busy/,
+    );
+    assert.deepEqual(
+      readdirSync(dir).filter((f) => f.includes('failing')),
+      [],
+      'neither the final file nor a temporary one',
+    );
+  });
+
+  test('saving the same machine twice gives the same bytes', async () => {
+    const m = fixtureMachine(true, { ramPages: 8 });
+    const a = await saveToBuffer(m);
+    const path = join(dir, 'det.qevm');
+    await withOutgoing(`file:${path}`, (sink) =>
+      saveVmState({
+        sink,
+        machineType: MACHINE,
+        vcpus: 2,
+        ram: m.ram,
+        devices: m.devices,
+        chunkPages: 64,
+      }),
+    );
+    assert.ok(readFileSync(path).equals(a));
+  });
+});
