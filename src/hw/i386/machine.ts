@@ -91,8 +91,6 @@ export class X86Machine {
       const memory = GuestMemory.create(options.memoryBytes);
       cleanups.push(() => memory.close());
       memory.register(vm);
-      writeLongModeTables(memory);
-      memory.write(PROBE_LOAD_ADDR, probeImage(options.guest));
 
       const serialState = createSerialState();
       const vcpus = await VcpuThreads.start({
@@ -107,11 +105,22 @@ export class X86Machine {
       });
       cleanups.push(() => vcpus.end());
       const tick = options.tickNs ?? DEFAULT_TICK_NS;
-      for (let cpu = 0; cpu < options.cpus; cpu++) {
-        await vcpus.runOnCpu(cpu, 'start_long_mode', probeEntry(cpu, tick));
-      }
+      const loadGuest = async () => {
+        writeLongModeTables(memory);
+        memory.write(PROBE_LOAD_ADDR, probeImage(options.guest));
+        for (let cpu = 0; cpu < options.cpus; cpu++) {
+          await vcpus.runOnCpu(cpu, 'start_long_mode', probeEntry(cpu, tick));
+        }
+      };
+      await loadGuest();
 
       const lifecycle = new VmLifecycle({ cpus: vcpus });
+      // A reset (system_reset, or a guest's reboot) starts the guest afresh
+      // on every vCPU, and lets vCPUs parked by the guest's request run again.
+      lifecycle.addResetHandler(async () => {
+        await loadGuest();
+        for (let cpu = 0; cpu < options.cpus; cpu++) await vcpus.runOnCpu(cpu, 'unpark');
+      });
       const adjust = kvm.checkExtension(KVM_CAP.ADJUST_CLOCK);
       const kvmclock = new KvmClockDevice(
         {

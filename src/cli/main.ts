@@ -1,0 +1,174 @@
+#!/usr/bin/env node
+/**
+ * tsvmm's entry point, QEMU's main → qemu_init → qemu_main_loop →
+ * qemu_cleanup: parse the options, build the machine, start the monitors,
+ * start the VM (unless -S), run the main loop, and clean up on quit.
+ */
+import { closeSync, openSync, unlinkSync, writeFileSync } from 'node:fs';
+import type { GuestRequest } from '../accel/kvm/vcpu-threads.js';
+import { X86Machine } from '../hw/i386/machine.js';
+import { registerStandardCommands } from '../monitor/commands.js';
+import { HmpMonitor } from '../monitor/hmp.js';
+import { HmpInterpreter } from '../monitor/hmp-interpreter.js';
+import { QmpCommandRegistry } from '../monitor/qmp-registry.js';
+import { QmpServer } from '../monitor/qmp-server.js';
+import { qmpVersionInfo, tsvmmVersion } from '../monitor/version.js';
+import { contCommand } from '../monitor/vm-control.js';
+import { installSignalHandlers, MainLoop, runUntilShutdown } from '../system/main-loop.js';
+import { setUpTracing, type TracingSetup } from '../trace/options.js';
+import { TsvmmError } from '../util/errors.js';
+import { helpText, versionText } from './help.js';
+import { parseCommandLine, type VmConfig } from './options.js';
+import { attachSerialStdio } from './serial-stdio.js';
+import { UsageError } from './usage-error.js';
+import { machineVmControl } from './vm-control.js';
+
+function fail(message: string): number {
+  process.stderr.write(`tsvmm: ${message}\n`);
+  return 1;
+}
+
+/** Refuses what the command line accepts but this build cannot do yet, before anything starts. */
+function checkSupported(config: VmConfig): void {
+  if (config.kernel !== undefined || config.initrd !== undefined || config.append !== undefined) {
+    throw new UsageError(
+      '-kernel/-initrd/-append: booting a Linux kernel is not implemented yet; without -kernel tsvmm boots its own probe guest',
+    );
+  }
+  if (config.incoming !== undefined) {
+    throw new UsageError('-incoming: incoming migration is not implemented yet');
+  }
+}
+
+async function run(config: VmConfig): Promise<number> {
+  checkSupported(config);
+  let tracing: TracingSetup | undefined;
+  let serialFd: number | null = null;
+  let ownSerialFd = false;
+  let machine: X86Machine | undefined;
+  const registry = new QmpCommandRegistry();
+  const server = new QmpServer({
+    registry,
+    version: qmpVersionInfo(),
+    log: (m) => process.stderr.write(`tsvmm: qmp: ${m}\n`),
+  });
+  try {
+    tracing = setUpTracing({
+      trace: [...config.trace.enable, ...config.trace.eventFiles.map((f) => `events=${f}`)],
+      ...(config.trace.file !== undefined || config.logFile !== undefined
+        ? { logFile: (config.trace.file ?? config.logFile)! }
+        : {}),
+      backtrace: config.trace.backtrace,
+    });
+    for (const w of tracing.warnings) process.stderr.write(`tsvmm: warning: ${w}\n`);
+
+    if (config.serial.kind === 'stdio') serialFd = 1;
+    else if (config.serial.kind === 'file') {
+      serialFd = openSync(config.serial.path, 'w');
+      ownSerialFd = true;
+    }
+
+    let loop: MainLoop | undefined;
+    const onGuestRequest = (request: GuestRequest) => {
+      if (!loop) return;
+      if (request.type === 'guest-shutdown') {
+        if (request.reason === 'guest-reset') loop.requestReset('guest-reset');
+        else loop.requestShutdown(request.reason);
+      } else {
+        const text = request.type === 'internal-error' ? request.description : request.message;
+        process.stderr.write(`tsvmm: vCPU ${request.cpu}: ${text}\n`);
+        loop.requestVmStop('internal-error');
+      }
+    };
+    machine = await X86Machine.create({
+      cpus: config.smp.cpus,
+      memoryBytes: config.memoryBytes,
+      guest: 'probe',
+      serialFd,
+      useReliableGetClock: config.kvmclock.machUseReliableGetClock,
+      faults: config.faults,
+      onGuestRequest,
+    });
+    loop = new MainLoop({ lifecycle: machine.lifecycle, noReboot: config.noReboot });
+    const lifecycle = machine.lifecycle;
+    const removeSignals = installSignalHandlers(loop);
+
+    const vm = machineVmControl({
+      machine,
+      loop,
+      ...(config.name !== undefined ? { name: config.name } : {}),
+    });
+    registerStandardCommands(registry, { vm, version: qmpVersionInfo() });
+    lifecycle.events.on('STOP', () => server.broadcast('STOP'));
+    lifecycle.events.on('RESUME', () => server.broadcast('RESUME'));
+    lifecycle.events.on('SHUTDOWN', (d) => server.broadcast('SHUTDOWN', { ...d }));
+    lifecycle.events.on('RESET', (d) => server.broadcast('RESET', { ...d }));
+    for (const spec of config.qmp) {
+      const listener = await server.listen(spec);
+      if (spec.wait) await listener.waitForClient();
+    }
+    if (config.pidfile !== undefined) writeFileSync(config.pidfile, `${process.pid}\n`);
+
+    const detachSerial =
+      config.serial.kind === 'stdio' && config.monitor !== 'stdio'
+        ? attachSerialStdio(machine.serial, () => loop!.requestShutdown('host-signal', 'SIGINT'))
+        : undefined;
+    if (config.monitor === 'stdio') {
+      new HmpMonitor({
+        input: process.stdin,
+        output: process.stdout,
+        interpreter: new HmpInterpreter({ vm, version: qmpVersionInfo() }),
+        banner: `tsvmm ${tsvmmVersion()} monitor - type 'help' for more information`,
+        onQuit: () => vm.quit(),
+      }).start();
+    }
+
+    // QEMU leaves preconfig by running `cont` unless -S was given.
+    if (!config.startPaused) await contCommand(vm);
+
+    const m = machine;
+    return await runUntilShutdown(loop, lifecycle, async () => {
+      removeSignals();
+      detachSerial?.();
+      await server.close();
+      await m.destroy();
+      if (config.pidfile !== undefined) unlinkSync(config.pidfile);
+    });
+  } catch (err) {
+    await server.close().catch(() => {});
+    await machine?.destroy().catch(() => {});
+    throw err;
+  } finally {
+    if (ownSerialFd && serialFd !== null) closeSync(serialFd);
+    tracing?.close();
+  }
+}
+
+async function main(argv: readonly string[]): Promise<number> {
+  try {
+    const action = parseCommandLine(argv);
+    switch (action.action) {
+      case 'help':
+        process.stdout.write(helpText());
+        return 0;
+      case 'version':
+        process.stdout.write(versionText());
+        return 0;
+      case 'list':
+        process.stdout.write(action.text);
+        return 0;
+      case 'run':
+        return await run(action.config);
+    }
+  } catch (err) {
+    if (err instanceof TsvmmError) return fail(err.message);
+    return fail(
+      `internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`,
+    );
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));
+// The vCPU threads, sockets and files are closed by now; leave even if a
+// stray handle (a TTY in raw mode, say) would keep Node's loop alive.
+process.exit();
