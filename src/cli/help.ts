@@ -27,8 +27,8 @@ export function helpText(program = 'tsvmm'): string {
   lines.push(
     '',
     'Example:',
-    `  ${program} -accel kvm -m 1G -smp 2 -kernel bzImage -append console=ttyS0 \\`,
-    '      -qmp unix:/tmp/qmp.sock,server=on,wait=off -S -nographic',
+    `  ${program} -accel kvm -m 512M -smp 2 -nographic \\`,
+    '      -qmp unix:/tmp/qmp.sock,server=on,wait=off -S',
     '',
   );
   return lines.join('\n');

@@ -207,17 +207,22 @@ const OPTIONS: readonly OptionDef[] = [
   valued(
     ['-kernel'],
     'FILE',
-    'the Linux kernel (bzImage) to boot; default: the probe guest',
+    'the Linux kernel to boot (not implemented yet: refused); default: the probe guest',
     (s, v) => {
       s.config.kernel = v;
     },
   ),
-  valued(['-initrd'], 'FILE', 'an initial ram disk for -kernel', (s, v) => {
+  valued(['-initrd'], 'FILE', 'an initial ram disk for -kernel (not implemented yet)', (s, v) => {
     s.config.initrd = v;
   }),
-  valued(['-append'], 'CMDLINE', 'the kernel command line for -kernel', (s, v) => {
-    s.config.append = v;
-  }),
+  valued(
+    ['-append'],
+    'CMDLINE',
+    'the kernel command line for -kernel (not implemented yet)',
+    (s, v) => {
+      s.config.append = v;
+    },
+  ),
   flag(['-S'], 'do not start the guest: wait for "cont" on the monitor or QMP', (s) => {
     s.config.startPaused = true;
   }),
@@ -260,7 +265,7 @@ const OPTIONS: readonly OptionDef[] = [
   valued(
     ['-incoming'],
     'URI|defer',
-    'wait for an incoming migration from URI, or for migrate-incoming (defer)',
+    'wait for an incoming migration from URI, or for migrate-incoming (defer) (not implemented yet: refused)',
     (s, v) => {
       s.config.incoming = parseIncoming(v);
     },
