@@ -1,7 +1,8 @@
+import { parseMemorySize } from '../accel/kvm/memory/parse-size.js';
 import type { QmpListenSpec } from '../monitor/qmp-server.js';
+import { TsvmmError } from '../util/errors.js';
 import { onlyProps, parseQemuBool, parseQemuOpts } from './qemu-opts.js';
 import { parseQmpSpec } from './qmp-spec.js';
-import { parseSize } from './size.js';
 import { UsageError } from './usage-error.js';
 
 /** Where the guest's serial port (COM1) goes. */
@@ -451,7 +452,13 @@ export function parseSmp(value: string): SmpConfig {
     const text = key === 'cpus' ? (opts.implied ?? opts.props.get('cpus')) : opts.props.get(key);
     if (text === undefined || text === '') return undefined;
     const n = parseCount('-smp', key, text);
-    return n === 0 ? undefined : n; // QEMU treats 0 as "not given"
+    // QEMU 9.0 removed the old reading of 0 as "not given": it is an error now.
+    if (n === 0) {
+      throw new UsageError(
+        `-smp ${value}: invalid CPU topology: ${key}=0: CPU topology parameters must be greater than zero`,
+      );
+    }
+    return n;
   };
   const threads = get('threads') ?? 1;
   const dies = get('dies') ?? 1;
@@ -491,10 +498,12 @@ function parseMemory(value: string): number {
   onlyProps('-m', opts, ['size']);
   const text = opts.implied ?? opts.props.get('size');
   if (text === undefined || text === '') throw new UsageError(`-m ${value}: no size given`);
-  const bytes = parseSize('-m', text, 'M');
-  if (bytes === 0) throw new UsageError(`-m ${value}: the memory size must be greater than zero`);
-  const PAGE = 8192;
-  return Math.ceil(bytes / PAGE) * PAGE;
+  try {
+    return parseMemorySize(text);
+  } catch (err) {
+    if (err instanceof TsvmmError) throw new UsageError(`-m ${value}: ${err.message}`);
+    throw err;
+  }
 }
 
 function parseSerial(value: string): SerialConfig {
