@@ -32,7 +32,9 @@ export function parseMemorySize(text: string): number {
   if (!match) throw new InvalidMemorySizeError(`invalid memory size '${text}': ${hint}`);
   const unit = UNITS[(match[2] ?? match[3] ?? 'm').toLowerCase()]!;
   if (unit === 1 && match[1]!.includes('.')) {
-    throw new InvalidMemorySizeError(`memory size '${text}': a size in bytes cannot have a fraction`);
+    throw new InvalidMemorySizeError(
+      `memory size '${text}': a size in bytes cannot have a fraction`,
+    );
   }
   const bytes = Math.ceil(Number(match[1]) * unit);
   if (bytes <= 0) throw new InvalidMemorySizeError(`memory size '${text}' is zero: ${hint}`);
