@@ -5,6 +5,7 @@
  */
 import { doKvmclockCtrl } from '../../hw/i386/kvm/clock.js';
 import { longModeSregs } from '../../hw/i386/long-mode.js';
+import { bootMsrs, initFpu, initLapicLints } from '../../hw/i386/vcpu-init.js';
 import { TsvmmError } from '../../util/errors.js';
 import { gettid } from './ffi.js';
 import type { KvmCpuidEntry2 } from './structs/cpuid.js';
@@ -83,6 +84,19 @@ const OPS: Record<string, VcpuOp> = {
     });
   },
   unpark: (ctx) => ctx.unpark(),
+  /** FPU reset state, PC LINT wiring and the boot MSRs (see hw/i386/vcpu-init.ts). */
+  init_x86: ({ vcpu }) => {
+    initFpu(vcpu);
+    initLapicLints(vcpu);
+    const msrs = bootMsrs();
+    const set = vcpu.setMsrs(msrs);
+    if (set !== msrs.length) {
+      throw new TsvmmError(
+        'VCPU_MSR_REFUSED',
+        `KVM refused MSR 0x${msrs[set]!.index.toString(16)} at boot`,
+      );
+    }
+  },
 };
 
 /** Runs operation `op` on this thread's vCPU. */
