@@ -66,11 +66,31 @@ export class KvmFd {
     closeFd(fd, this.#what);
   }
 
+  /** KVM ioctl `name` with a pointer argument (or NULL); traced through {@link traceIoctl}. */
   protected ioctlPtr(name: KvmIoctlName, arg: Uint8Array | null): number {
-    return kvmIoctlPtr(this.fd, name, arg);
+    return this.#checked(name, ioctlPtr(this.fd, KVM_IOCTLS[name], arg));
   }
 
+  /** KVM ioctl `name` with an integer argument; traced through {@link traceIoctl}. */
   protected ioctlInt(name: KvmIoctlName, arg: number | bigint = 0): number {
-    return kvmIoctlInt(this.fd, name, arg);
+    return this.#checked(name, ioctlInt(this.fd, KVM_IOCTLS[name], arg));
+  }
+
+  /**
+   * Called after every ioctl issued through ioctlPtr/ioctlInt with its
+   * result, or -errno when it failed (before the error is thrown). The
+   * base class traces nothing; KvmVm and KvmVcpu emit their trace events.
+   */
+  protected traceIoctl(_name: KvmIoctlName, _ret: number): void {}
+
+  #checked(name: KvmIoctlName, result: number): number {
+    if (result < 0) {
+      // errno first: the trace record's write(2) may change it.
+      const errno = lastErrno();
+      this.traceIoctl(name, -errno);
+      throw new KvmIoctlError(name, errno);
+    }
+    this.traceIoctl(name, result);
+    return result;
   }
 }

@@ -19,7 +19,6 @@ import { installTraceConfig, type TraceConfig, traceEvent } from '../../trace/co
 import { TsvmmError } from '../../util/errors.js';
 import {
   gettid,
-  lastErrno,
   pthreadSigmask,
   SIG_BLOCK,
   sigsetAdd,
@@ -74,7 +73,7 @@ function post(message: VcpuMessage): void {
 // The VM fd belongs to the main thread: this handle only issues KVM_IRQ_LINE
 // on it and is never closed here.
 const vm = new KvmVm(data.vmFd);
-const vcpu = new KvmVcpu(data.vcpuFd, data.runMmapSize);
+const vcpu = new KvmVcpu(data.vcpuFd, data.runMmapSize, { index: data.index });
 const run = vcpu.kvmRun;
 const ctx: VcpuOpContext = { vcpu, index: data.index, unpark: () => (parked = false) };
 const devices = new VcpuDevices(data.devices, {
@@ -103,7 +102,6 @@ function eatKick(): void {
   while (sigtimedwait(kickSet, 0) === KICK_SIGNAL) {
     // drained one; loop in case of several
   }
-  void lastErrno();
 }
 
 function drainWork(): void {

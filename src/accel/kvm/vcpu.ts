@@ -3,6 +3,7 @@
  * typed result. Built from an fd number and the kvm_run mapping size, so a
  * vCPU worker thread can build its own from numbers posted to it.
  */
+import { traceEvent } from '../../trace/control.js';
 import { Errno } from './errno.js';
 import { KvmIoctlError, SyscallError } from './errors.js';
 import {
@@ -57,9 +58,22 @@ import {
 import { KVM_ENABLE_CAP_STRUCT } from './structs/vm.js';
 
 const KVM_RUN_REQUEST = KVM_IOCTLS.KVM_RUN;
+const traceVcpuIoctl = traceEvent('kvm_vcpu_ioctl');
 
-/** A KVM vCPU: its fd and its mapped kvm_run page. */
+/** Options for {@link KvmVcpu}. */
+export interface KvmVcpuOptions {
+  /** The vCPU's cpu index, shown as `cpu=` in its trace records (-1 when not given). */
+  index?: number;
+}
+
+/**
+ * A KVM vCPU: its fd and its mapped kvm_run page. Every ioctl on it but
+ * KVM_RUN is traced as `kvm_vcpu_ioctl cpu= type= ret=`; KVM_RUN is far too
+ * frequent, and `kvm_run_exit` covers it.
+ */
 export class KvmVcpu extends KvmFd {
+  /** The cpu index given at construction, or -1. */
+  readonly index: number;
   /** Native address of the kvm_run mapping. */
   readonly runPtr: bigint;
   /** Length of the kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE). */
@@ -72,8 +86,9 @@ export class KvmVcpu extends KvmFd {
    * (`runMmapSize` from Kvm.getVcpuMmapSize()). If mapping fails the
    * constructor throws and the fd stays the caller's to close.
    */
-  constructor(fd: number, runMmapSize: number) {
+  constructor(fd: number, runMmapSize: number, options: KvmVcpuOptions = {}) {
     super(fd, `vCPU fd ${fd}`);
+    this.index = options.index ?? -1;
     if (!Number.isInteger(runMmapSize) || runMmapSize < KVM_RUN_SIZE) {
       throw new RangeError(`kvm_run mapping size ${runMmapSize} is smaller than struct kvm_run`);
     }
@@ -98,6 +113,10 @@ export class KvmVcpu extends KvmFd {
     const errno = lastErrno();
     if (errno === Errno.EINTR) return KVM_EXIT.INTR;
     throw new KvmIoctlError('KVM_RUN', errno);
+  }
+
+  protected override traceIoctl(name: KvmIoctlName, ret: number): void {
+    if (traceVcpuIoctl.enabled) traceVcpuIoctl.emit({ cpu: this.index, type: name, ret });
   }
 
   /** KVM_GET_REGS. */

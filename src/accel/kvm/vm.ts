@@ -3,7 +3,9 @@
  * clock, the dirty log and vCPU creation, each one method with a typed
  * result.
  */
+import { traceEvent } from '../../trace/control.js';
 import { addressOf } from './ffi.js';
+import type { KvmIoctlName } from './ioctls.js';
 import { closeFd, KvmFd } from './kvm-fd.js';
 import {
   KVM_CLOCK_DATA,
@@ -31,7 +33,9 @@ export interface KvmVmOptions {
   vcpuMmapSize?: number;
 }
 
-/** A KVM virtual machine. */
+const traceVmIoctl = traceEvent('kvm_vm_ioctl');
+
+/** A KVM virtual machine. Every ioctl on it is traced as `kvm_vm_ioctl type= ret=`. */
 export class KvmVm extends KvmFd {
   /** KVM_GET_VCPU_MMAP_SIZE of the system that made this VM, if known. */
   readonly vcpuMmapSize: number | undefined;
@@ -40,6 +44,10 @@ export class KvmVm extends KvmFd {
   constructor(fd: number, options: KvmVmOptions = {}) {
     super(fd, `VM fd ${fd}`);
     this.vcpuMmapSize = options.vcpuMmapSize;
+  }
+
+  protected override traceIoctl(name: KvmIoctlName, ret: number): void {
+    if (traceVmIoctl.enabled) traceVmIoctl.emit({ type: name, ret });
   }
 
   /** KVM_CHECK_EXTENSION on the VM fd (the answer may differ per VM): 0 = absent. */
@@ -163,7 +171,9 @@ export class KvmVm extends KvmFd {
 
   /**
    * createVcpu(id) wrapped in a KvmVcpu on this thread. `runMmapSize`
-   * defaults to the size given when the VM was made by Kvm.createVm().
+   * defaults to the size given when the VM was made by Kvm.createVm(). The
+   * handle's trace records carry `cpu=<id>` (tsvmm's vCPU ids are the
+   * cpu indexes).
    */
   createVcpuHandle(id: number, runMmapSize = this.vcpuMmapSize): KvmVcpu {
     if (runMmapSize === undefined) {
@@ -173,7 +183,7 @@ export class KvmVm extends KvmFd {
     }
     const fd = this.createVcpu(id);
     try {
-      return new KvmVcpu(fd, runMmapSize);
+      return new KvmVcpu(fd, runMmapSize, { index: id });
     } catch (error) {
       closeFd(fd, `vCPU fd ${fd}`);
       throw error;
