@@ -4,7 +4,7 @@
  * qemu_cleanup: parse the options, build the machine, start the monitors,
  * start the VM (unless -S), run the main loop, and clean up on quit.
  */
-import { closeSync, openSync, unlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import type { GuestRequest } from '../accel/kvm/vcpu-threads.js';
 import { X86Machine } from '../hw/i386/machine.js';
 import { registerStandardCommands } from '../monitor/commands.js';
@@ -45,6 +45,7 @@ async function run(config: VmConfig): Promise<number> {
   let tracing: TracingSetup | undefined;
   let serialFd: number | null = null;
   let ownSerialFd = false;
+  let pidfileWritten = false;
   let machine: X86Machine | undefined;
   const registry = new QmpCommandRegistry();
   const server = new QmpServer({
@@ -107,7 +108,10 @@ async function run(config: VmConfig): Promise<number> {
       const listener = await server.listen(spec);
       if (spec.wait) await listener.waitForClient();
     }
-    if (config.pidfile !== undefined) writeFileSync(config.pidfile, `${process.pid}\n`);
+    if (config.pidfile !== undefined) {
+      writeFileSync(config.pidfile, `${process.pid}\n`);
+      pidfileWritten = true;
+    }
 
     const detachSerial =
       config.serial.kind === 'stdio' && config.monitor !== 'stdio'
@@ -132,13 +136,13 @@ async function run(config: VmConfig): Promise<number> {
       detachSerial?.();
       await server.close();
       await m.destroy();
-      if (config.pidfile !== undefined) unlinkSync(config.pidfile);
     });
   } catch (err) {
     await server.close().catch(() => {});
     await machine?.destroy().catch(() => {});
     throw err;
   } finally {
+    if (pidfileWritten) rmSync(config.pidfile!, { force: true });
     if (ownSerialFd && serialFd !== null) closeSync(serialFd);
     tracing?.close();
   }
