@@ -1,0 +1,214 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { type TestContext, test } from 'node:test';
+import { buildGuestImage, type GuestManifest, MANIFEST_FORMAT, sha256 } from './build.js';
+import {
+  kernelDependency,
+  packageInfo,
+  parseAptCacheShow,
+  resolveKernelPackage,
+} from './debian.js';
+import { GuestImageError } from './errors.js';
+import { BUSYBOX_APPLETS, INIT_SCRIPT } from './initramfs.js';
+
+/** `apt-cache show --no-all-versions linux-image-cloud-amd64` on Debian 12, as recorded. */
+const APT_CACHE_META = `Package: linux-image-cloud-amd64
+Source: linux-signed-amd64 (6.1.192+2)
+Version: 6.1.192-2
+Installed-Size: 13
+Maintainer: Debian Kernel Team <debian-kernel@lists.debian.org>
+Architecture: amd64
+Provides: linux-latest-modules-6.1.0-56-cloud-amd64, virtualbox-guest-modules, wireguard-modules (= 1.0.0)
+Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)
+Description: Linux for x86-64 cloud (meta-package)
+Description-md5: 11b016f38b41530eec9d7e80035fed66
+Filename: pool/updates/main/l/linux-signed-amd64/linux-image-cloud-amd64_6.1.192-2_amd64.deb
+Size: 1504
+SHA256: 00be21c0c17f08ddf26e82d3b53fe7a41efa4a288938da6bb69e89c4b25c281d
+
+`;
+
+function tempDir(t: TestContext): string {
+  const dir = mkdtempSync(join(tmpdir(), 'tsvmm-guest-test-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** Lists the names in a newc archive (enough of a reader for these checks). */
+function cpioNames(archive: Buffer): string[] {
+  const names: string[] = [];
+  let at = 0;
+  for (;;) {
+    const field = (i: number) =>
+      Number.parseInt(archive.toString('ascii', at + 6 + i * 8, at + 14 + i * 8), 16);
+    const nameSize = field(11);
+    const size = field(6);
+    const name = archive.toString('utf8', at + 110, at + 109 + nameSize);
+    if (name === 'TRAILER!!!') return names;
+    names.push(name);
+    const dataAt = at + 110 + nameSize + ((4 - ((110 + nameSize) % 4)) % 4);
+    at = dataAt + size + ((4 - (size % 4)) % 4);
+  }
+}
+
+/** Fills dir with a complete cache of stand-in files and a manifest naming them. */
+function fakeCache(
+  dir: string,
+  versions = { kernel: '6.1.192-2', busybox: '1:1.35.0-4+deb12u1+b1' },
+) {
+  const vmlinuz = Buffer.from('stand-in kernel');
+  const busybox = Buffer.from('stand-in busybox');
+  writeFileSync(join(dir, 'vmlinuz'), vmlinuz);
+  writeFileSync(join(dir, 'busybox'), busybox);
+  const manifest: GuestManifest = {
+    format: MANIFEST_FORMAT,
+    kernel: {
+      name: 'linux-image-6.1.0-56-cloud-amd64',
+      version: versions.kernel,
+      debSha256: 'e7d02b94',
+      release: '6.1.0-56-cloud-amd64',
+      vmlinuzSha256: sha256(vmlinuz),
+    },
+    busybox: {
+      name: 'busybox-static',
+      version: versions.busybox,
+      debSha256: '3d3fdbe9',
+      binarySha256: sha256(busybox),
+    },
+    initramfsSha256: '',
+    scriptSha256: null,
+  };
+  writeFileSync(join(dir, 'manifest.json'), JSON.stringify(manifest));
+  return manifest;
+}
+
+/** Runs fn with PATH pointing at an empty folder, so apt-cache and friends are missing. */
+async function withoutApt<T>(t: TestContext, fn: () => Promise<T>): Promise<T> {
+  const saved = process.env.PATH;
+  process.env.PATH = tempDir(t);
+  try {
+    return await fn();
+  } finally {
+    process.env.PATH = saved;
+  }
+}
+
+test('apt-cache output is parsed and the metapackage resolves to the versioned kernel', () => {
+  const meta = parseAptCacheShow(APT_CACHE_META);
+  assert.ok(meta);
+  assert.equal(meta.name, 'linux-image-cloud-amd64');
+  assert.equal(meta.version, '6.1.192-2');
+  assert.equal(meta.size, 1504);
+  assert.equal(kernelDependency(meta), 'linux-image-6.1.0-56-cloud-amd64');
+  assert.equal(
+    kernelDependency({
+      ...meta,
+      depends: 'kmod, linux-base (>= 4.3~) | foo, linux-image-6.12.9-amd64 (= 6.12.9-1)',
+    }),
+    'linux-image-6.12.9-amd64',
+  );
+  assert.equal(kernelDependency({ ...meta, depends: 'kmod' }), undefined);
+  assert.equal(parseAptCacheShow('N: Unable to locate package nope\n'), undefined);
+});
+
+test('a complete cache is used, and the initramfs rebuilt, when apt is missing', async (t) => {
+  const dir = tempDir(t);
+  const cached = fakeCache(dir);
+  const lines: string[] = [];
+  const script = Buffer.from('echo from script\n');
+  const result = await withoutApt(t, () =>
+    buildGuestImage({ outDir: dir, script, log: (l) => lines.push(l) }),
+  );
+  assert.equal(result.downloaded, false);
+  assert.match(lines.join('\n'), /cannot ask apt.*using the cached ones/);
+  const initramfs = readFileSync(join(dir, 'initramfs.cpio'));
+  assert.equal(result.initramfsBytes, initramfs.length);
+  const names = cpioNames(initramfs);
+  for (const name of ['bin/busybox', 'init', 'script', 'dev/console', 'bin/sh'])
+    assert.ok(names.includes(name), name);
+  const manifest = JSON.parse(readFileSync(join(dir, 'manifest.json'), 'utf8')) as GuestManifest;
+  assert.deepEqual(manifest.kernel, cached.kernel);
+  assert.equal(manifest.initramfsSha256, sha256(initramfs));
+  assert.equal(manifest.scriptSha256, sha256(script));
+});
+
+test('without apt and without a valid cache the build fails saying what is missing', async (t) => {
+  const dir = tempDir(t);
+  fakeCache(dir);
+  writeFileSync(join(dir, 'vmlinuz'), 'changed since the manifest');
+  await assert.rejects(
+    withoutApt(t, () => buildGuestImage({ outDir: dir })),
+    (e: unknown) =>
+      e instanceof GuestImageError &&
+      e.code === 'GUEST_IMAGE_TOOL_MISSING' &&
+      /apt-cache is not installed/.test(e.message),
+  );
+});
+
+/** The candidate versions apt offers here, or a skip reason when apt cannot say. */
+async function aptVersions(
+  t: TestContext,
+): Promise<{ kernel: string; busybox: string } | undefined> {
+  try {
+    return {
+      kernel: (await resolveKernelPackage('linux-image-cloud-amd64')).version,
+      busybox: (await packageInfo('busybox-static')).version,
+    };
+  } catch (e) {
+    t.skip(`apt cannot resolve the packages here: ${(e as Error).message}`);
+    return undefined;
+  }
+}
+
+test('no download when the cache holds the versions apt offers (apt-cache only, no network)', async (t) => {
+  const versions = await aptVersions(t);
+  if (!versions) return;
+  const dir = tempDir(t);
+  const cached = fakeCache(dir, versions);
+  const result = await buildGuestImage({ outDir: dir });
+  assert.equal(result.downloaded, false);
+  assert.deepEqual(result.manifest.busybox, cached.busybox);
+  assert.equal(readFileSync(join(dir, 'vmlinuz'), 'utf8'), 'stand-in kernel');
+});
+
+test('an unknown package is refused with what to do', async (t) => {
+  if (!(await aptVersions(t))) return;
+  await assert.rejects(resolveKernelPackage('tsvmm-no-such-package'), {
+    code: 'GUEST_IMAGE_NO_PACKAGE',
+  });
+});
+
+test('the whole build from Debian packages (TSVMM_TEST_GUEST_BUILD=1)', async (t) => {
+  if (process.env.TSVMM_TEST_GUEST_BUILD !== '1') {
+    t.skip('downloads about 28 MB from Debian: set TSVMM_TEST_GUEST_BUILD=1 to run it');
+    return;
+  }
+  const dir = tempDir(t);
+  const first = await buildGuestImage({ outDir: dir });
+  assert.equal(first.downloaded, true);
+  const vmlinuz = readFileSync(first.vmlinuz);
+  assert.equal(
+    vmlinuz.toString('latin1', 0x202, 0x206),
+    'HdrS',
+    'a bzImage with a boot protocol header',
+  );
+  assert.match(first.manifest.kernel.release, /^\d+\.\d+\.\d+-\d+-cloud-amd64$/);
+  // Every applet we link must exist in this busybox (it runs on the amd64 host).
+  const list = spawnSync(join(dir, 'busybox'), ['--list'], { encoding: 'utf8' });
+  assert.equal(list.status, 0, list.stderr);
+  const applets = new Set(list.stdout.split('\n'));
+  for (const applet of BUSYBOX_APPLETS) assert.ok(applets.has(applet), `busybox has ${applet}`);
+  const initramfs = readFileSync(first.initramfs);
+  assert.ok(cpioNames(initramfs).includes('init'));
+  assert.ok(initramfs.includes(Buffer.from(INIT_SCRIPT)));
+  const second = await buildGuestImage({ outDir: dir });
+  assert.equal(second.downloaded, false, 'the second run uses the cache');
+  assert.equal(
+    second.manifest.initramfsSha256,
+    first.manifest.initramfsSha256,
+    'reproducible initramfs',
+  );
+});

@@ -1,0 +1,259 @@
+/**
+ * Builds the Linux test guest: Debian's cloud kernel and an initramfs of our
+ * own around Debian's static busybox, into a cache folder outside the repo.
+ *
+ * The folder holds:
+ *   vmlinuz         the kernel (bzImage) from boot/vmlinuz-<release>
+ *   initramfs.cpio  newc archive from initramfs.ts
+ *   busybox         the static busybox, kept so the initramfs can be
+ *                   rebuilt (for another --script) without a download
+ *   manifest.json   package names, versions and sha256s
+ *
+ * The downloads are skipped when the manifest already names the candidate
+ * versions apt offers and the cached files still have their recorded
+ * sha256s. The initramfs is written every time; it is reproducible.
+ */
+import { createHash } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import {
+  type DebPackage,
+  downloadPackage,
+  extractDeb,
+  packageInfo,
+  resolveKernelPackage,
+} from './debian.js';
+import { GuestImageError } from './errors.js';
+import { buildInitramfs } from './initramfs.js';
+
+/** The kernel metapackage used unless another is named. */
+export const DEFAULT_KERNEL_PACKAGE = 'linux-image-cloud-amd64';
+export const BUSYBOX_PACKAGE = 'busybox-static';
+
+export const MANIFEST_FORMAT = 1;
+
+/** One package as the manifest records it. */
+export interface ManifestPackage {
+  name: string;
+  version: string;
+  /** sha256 of the downloaded .deb. */
+  debSha256: string;
+}
+
+/** Contents of manifest.json. */
+export interface GuestManifest {
+  format: number;
+  kernel: ManifestPackage & { release: string; vmlinuzSha256: string };
+  busybox: ManifestPackage & { binarySha256: string };
+  initramfsSha256: string;
+  /** sha256 of the /script built in, or null for the interactive shell. */
+  scriptSha256: string | null;
+}
+
+/** Options of buildGuestImage. */
+export interface GuestBuildOptions {
+  /** The cache folder; created if missing. */
+  outDir: string;
+  /** A shell script that /init runs instead of the interactive shell. */
+  script?: Uint8Array;
+  /** Kernel package or metapackage. Default linux-image-cloud-amd64. */
+  kernelPackage?: string;
+  /** Progress lines, for people. */
+  log?: (line: string) => void;
+}
+
+/** What buildGuestImage made. */
+export interface GuestBuildResult {
+  vmlinuz: string;
+  initramfs: string;
+  manifest: GuestManifest;
+  /** False when the cache already held the same package versions. */
+  downloaded: boolean;
+  vmlinuzBytes: number;
+  initramfsBytes: number;
+}
+
+/** sha256 of bytes, as lowercase hex. */
+export function sha256(bytes: Uint8Array): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
+/**
+ * Builds (or refreshes) the test guest in options.outDir.
+ *
+ * @example
+ * const guest = await buildGuestImage({ outDir: defaultGuestCacheDir() });
+ * // tsvmm -kernel guest.vmlinuz -initrd guest.initramfs -append 'console=ttyS0'
+ */
+export async function buildGuestImage(options: GuestBuildOptions): Promise<GuestBuildResult> {
+  const log = options.log ?? (() => {});
+  const outDir = options.outDir;
+  await mkdir(outDir, { recursive: true });
+  const vmlinuzPath = join(outDir, 'vmlinuz');
+  const busyboxPath = join(outDir, 'busybox');
+  const initramfsPath = join(outDir, 'initramfs.cpio');
+  const manifestPath = join(outDir, 'manifest.json');
+
+  const cached = await readValidCache(manifestPath, vmlinuzPath, busyboxPath);
+  let wanted: { kernel: DebPackage; busybox: DebPackage } | undefined;
+  try {
+    // Each apt-cache call takes about a second: ask both at once.
+    const [kernel, busybox] = await Promise.all([
+      resolveKernelPackage(options.kernelPackage ?? DEFAULT_KERNEL_PACKAGE),
+      packageInfo(BUSYBOX_PACKAGE),
+    ]);
+    wanted = { kernel, busybox };
+  } catch (e) {
+    // Without apt (or its lists) a complete cache is still usable.
+    if (!cached || !(e instanceof GuestImageError)) throw e;
+    log(`cannot ask apt for newer packages (${e.message}); using the cached ones`);
+  }
+
+  let kernelPart: GuestManifest['kernel'];
+  let busyboxPart: GuestManifest['busybox'];
+  let busybox: Uint8Array;
+  let downloaded = false;
+  if (cached && (!wanted || sameVersions(cached.manifest, wanted))) {
+    log(
+      `cache is current: ${cached.manifest.kernel.name} ${cached.manifest.kernel.version}, ${BUSYBOX_PACKAGE} ${cached.manifest.busybox.version}`,
+    );
+    kernelPart = cached.manifest.kernel;
+    busyboxPart = cached.manifest.busybox;
+    busybox = cached.busybox;
+  } else {
+    // Without a cache, a failure to resolve was thrown above: wanted is set.
+    const fetched = await fetchPackages(wanted!.kernel, wanted!.busybox, log);
+    await writeAtomic(vmlinuzPath, fetched.vmlinuz);
+    await writeAtomic(busyboxPath, fetched.busybox, 0o755);
+    kernelPart = fetched.kernel;
+    busyboxPart = fetched.busyboxPart;
+    busybox = fetched.busybox;
+    downloaded = true;
+  }
+
+  const initramfs = buildInitramfs(
+    options.script ? { busybox, script: options.script } : { busybox },
+  );
+  await writeAtomic(initramfsPath, initramfs);
+  const manifest: GuestManifest = {
+    format: MANIFEST_FORMAT,
+    kernel: kernelPart,
+    busybox: busyboxPart,
+    initramfsSha256: sha256(initramfs),
+    scriptSha256: options.script ? sha256(options.script) : null,
+  };
+  await writeAtomic(manifestPath, Buffer.from(`${JSON.stringify(manifest, null, 2)}\n`));
+  const vmlinuzBytes = (await readFile(vmlinuzPath)).byteLength;
+  return {
+    vmlinuz: vmlinuzPath,
+    initramfs: initramfsPath,
+    manifest,
+    downloaded,
+    vmlinuzBytes,
+    initramfsBytes: initramfs.byteLength,
+  };
+}
+
+function sameVersions(
+  manifest: GuestManifest,
+  wanted: { kernel: DebPackage; busybox: DebPackage },
+): boolean {
+  return (
+    manifest.kernel.name === wanted.kernel.name &&
+    manifest.kernel.version === wanted.kernel.version &&
+    manifest.busybox.name === wanted.busybox.name &&
+    manifest.busybox.version === wanted.busybox.version
+  );
+}
+
+/** The manifest and busybox when the cache is complete and its files match their sha256s. */
+async function readValidCache(
+  manifestPath: string,
+  vmlinuzPath: string,
+  busyboxPath: string,
+): Promise<{ manifest: GuestManifest; busybox: Uint8Array } | undefined> {
+  try {
+    const manifest = JSON.parse(await readFile(manifestPath, 'utf8')) as GuestManifest;
+    if (manifest.format !== MANIFEST_FORMAT) return undefined;
+    const busybox = await readFile(busyboxPath);
+    if (sha256(busybox) !== manifest.busybox.binarySha256) return undefined;
+    if (sha256(await readFile(vmlinuzPath)) !== manifest.kernel.vmlinuzSha256) return undefined;
+    return { manifest, busybox };
+  } catch {
+    // Missing or unreadable: build afresh.
+    return undefined;
+  }
+}
+
+/** Downloads and unpacks both packages in a temporary folder, removed afterwards. */
+async function fetchPackages(
+  kernelPkg: DebPackage,
+  busyboxPkg: DebPackage,
+  log: (line: string) => void,
+): Promise<{
+  vmlinuz: Buffer;
+  busybox: Buffer;
+  kernel: GuestManifest['kernel'];
+  busyboxPart: GuestManifest['busybox'];
+}> {
+  const work = await mkdtemp(join(tmpdir(), 'tsvmm-guest-'));
+  try {
+    const debs = join(work, 'debs');
+    const root = join(work, 'root');
+    await mkdir(debs);
+    await mkdir(root);
+    log(`downloading ${kernelPkg.name} ${kernelPkg.version} (${kernelPkg.size} bytes)`);
+    const kernelDeb = await downloadPackage(kernelPkg, debs);
+    log(`downloading ${busyboxPkg.name} ${busyboxPkg.version} (${busyboxPkg.size} bytes)`);
+    const busyboxDeb = await downloadPackage(busyboxPkg, debs);
+    log('unpacking');
+    await extractDeb(kernelDeb, root);
+    await extractDeb(busyboxDeb, root);
+
+    const images = (await readdir(join(root, 'boot')).catch(() => [] as string[])).filter((f) =>
+      f.startsWith('vmlinuz-'),
+    );
+    const image = images[0];
+    if (images.length !== 1 || !image) {
+      throw new GuestImageError(
+        'GUEST_IMAGE_BAD_PACKAGE',
+        `${kernelPkg.name} ${kernelPkg.version} holds ${images.length} boot/vmlinuz-* files, not one: name a package with exactly one kernel`,
+      );
+    }
+    const vmlinuz = await readFile(join(root, 'boot', image));
+    const busybox = await readFile(join(root, 'bin', 'busybox')).catch((e: unknown) => {
+      throw new GuestImageError(
+        'GUEST_IMAGE_BAD_PACKAGE',
+        `${busyboxPkg.name} ${busyboxPkg.version} has no bin/busybox`,
+        { cause: e },
+      );
+    });
+    return {
+      vmlinuz,
+      busybox,
+      kernel: {
+        name: kernelPkg.name,
+        version: kernelPkg.version,
+        debSha256: sha256(await readFile(kernelDeb)),
+        release: image.slice('vmlinuz-'.length),
+        vmlinuzSha256: sha256(vmlinuz),
+      },
+      busyboxPart: {
+        name: busyboxPkg.name,
+        version: busyboxPkg.version,
+        debSha256: sha256(await readFile(busyboxDeb)),
+        binarySha256: sha256(busybox),
+      },
+    };
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+/** Writes a file through a temporary name, so a reader never sees half of it. */
+async function writeAtomic(path: string, bytes: Uint8Array, mode = 0o644): Promise<void> {
+  const tmp = `${path}.tmp-${process.pid}`;
+  await writeFile(tmp, bytes, { mode });
+  await rename(tmp, path);
+}

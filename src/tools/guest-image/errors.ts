@@ -1,0 +1,17 @@
+import { TsvmmError } from '../../util/errors.js';
+
+/**
+ * An archive entry the cpio writer cannot write: a bad path, a missing
+ * parent directory, a duplicate, or a field that does not fit newc's 32 bits.
+ * Codes: CPIO_BAD_PATH, CPIO_MISSING_PARENT, CPIO_DUPLICATE, CPIO_TOO_LARGE,
+ * CPIO_BAD_MODE.
+ */
+export class CpioError extends TsvmmError {}
+
+/**
+ * Building the guest image failed: a Debian tool is missing or failed, a
+ * package has no candidate, or a downloaded package lacks what we need.
+ * Codes: GUEST_IMAGE_TOOL_MISSING, GUEST_IMAGE_TOOL_FAILED,
+ * GUEST_IMAGE_NO_PACKAGE, GUEST_IMAGE_BAD_PACKAGE, GUEST_IMAGE_USAGE.
+ */
+export class GuestImageError extends TsvmmError {}
