@@ -39,7 +39,7 @@ async function measureTsvmm() {
   const machine = await X86Machine.create({
     cpus: 1,
     memoryBytes: 16 << 20,
-    guest: 'ioloop',
+    boot: { kind: 'probe', image: 'ioloop' },
     serialFd: null,
   });
   try {

@@ -6,7 +6,7 @@
 // where the host kernel has none they report NOT RUN (requireKvm).
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
@@ -271,15 +271,26 @@ describe('tsvmm command line (no KVM needed)', () => {
     assert.doesNotMatch(r.stderr, /\/dev\/kvm/);
   });
 
-  test('-kernel exits 1 with the not-implemented message', async (t) => {
-    const r = await runToExit(t, ['-kernel', 'X']);
+  test('a -kernel that is missing or not a kernel is refused before KVM is opened', async (t) => {
+    const missing = await runToExit(t, ['-kernel', '/nonexistent/bzImage']);
+    assert.equal(missing.code, 1);
+    assertCleanError(missing.stderr);
+    assert.match(missing.stderr, /^tsvmm: -kernel \/nonexistent\/bzImage: ENOENT/);
+    const dir = mkdtempSync(join(tmpdir(), 'tsvmm-kernel-'));
+    t.after(() => rmSync(dir, { recursive: true, force: true }));
+    const corrupt = join(dir, 'bzImage');
+    writeFileSync(corrupt, Buffer.alloc(8192, 0x5a));
+    const r = await runToExit(t, ['-kernel', corrupt]);
     assert.equal(r.code, 1);
     assertCleanError(r.stderr);
-    assert.match(
-      r.stderr,
-      /^tsvmm: -kernel\/-initrd\/-append: booting a Linux kernel is not implemented yet/,
-    );
+    assert.match(r.stderr, /^tsvmm: .*not a Linux kernel/);
     assert.doesNotMatch(r.stderr, /\/dev\/kvm/);
+  });
+
+  test('-append without -kernel is refused', async (t) => {
+    const r = await runToExit(t, ['-append', 'console=ttyS0']);
+    assert.equal(r.code, 1);
+    assert.equal(r.stderr, 'tsvmm: -append only allowed with -kernel option\n');
   });
 
   test('without KVM, running a VM exits 1 naming /dev/kvm, with no stack trace', async (t) => {

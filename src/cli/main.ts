@@ -4,8 +4,10 @@
  * qemu_cleanup: parse the options, build the machine, start the monitors,
  * start the VM (unless -S), run the main loop, and clean up on quit.
  */
-import { closeSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import type { GuestRequest } from '../accel/kvm/vcpu-threads.js';
+import { parseKernelImage } from '../hw/i386/boot/kernel-image.js';
+import type { GuestBoot } from '../hw/i386/guest-boot.js';
 import { X86Machine } from '../hw/i386/machine.js';
 import { registerStandardCommands } from '../monitor/commands.js';
 import { HmpMonitor } from '../monitor/hmp.js';
@@ -30,14 +32,32 @@ function fail(message: string): number {
 
 /** Refuses what the command line accepts but this build cannot do yet, before anything starts. */
 function checkSupported(config: VmConfig): void {
-  if (config.kernel !== undefined || config.initrd !== undefined || config.append !== undefined) {
-    throw new UsageError(
-      '-kernel/-initrd/-append: booting a Linux kernel is not implemented yet; without -kernel tsvmm boots its own probe guest',
-    );
-  }
   if (config.incoming !== undefined) {
     throw new UsageError('-incoming: incoming migration is not implemented yet');
   }
+}
+
+/** Reads a file named on the command line, or says which option named it and why it cannot be read. */
+function readOptionFile(option: string, path: string): Uint8Array {
+  try {
+    return readFileSync(path);
+  } catch (err) {
+    throw new UsageError(`${option} ${path}: ${(err as NodeJS.ErrnoException).message}`);
+  }
+}
+
+/** The probe guest, or the Linux kernel of -kernel with its -initrd and -append. */
+function guestBoot(config: VmConfig): GuestBoot {
+  if (config.kernel === undefined) return { kind: 'probe', image: 'probe' };
+  const kernel = readOptionFile('-kernel', config.kernel);
+  // Refuse a file that is not a kernel now, before any VM exists.
+  parseKernelImage(kernel);
+  return {
+    kind: 'linux',
+    kernel,
+    ...(config.initrd !== undefined ? { initrd: readOptionFile('-initrd', config.initrd) } : {}),
+    cmdline: config.append ?? '',
+  };
 }
 
 async function run(config: VmConfig): Promise<number> {
@@ -84,7 +104,7 @@ async function run(config: VmConfig): Promise<number> {
     machine = await X86Machine.create({
       cpus: config.smp.cpus,
       memoryBytes: config.memoryBytes,
-      guest: 'probe',
+      boot: guestBoot(config),
       serialFd,
       useReliableGetClock: config.kvmclock.machUseReliableGetClock,
       faults: config.faults,

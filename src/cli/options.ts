@@ -208,18 +208,18 @@ const OPTIONS: readonly OptionDef[] = [
   valued(
     ['-kernel'],
     'FILE',
-    'the Linux kernel to boot (not implemented yet: refused); default: the probe guest',
+    'the Linux kernel to boot (bzImage or ELF vmlinux, 64-bit boot protocol); default: the probe guest',
     (s, v) => {
       s.config.kernel = v;
     },
   ),
-  valued(['-initrd'], 'FILE', 'an initial ram disk for -kernel (not implemented yet)', (s, v) => {
+  valued(['-initrd'], 'FILE', 'an initial ram disk for -kernel', (s, v) => {
     s.config.initrd = v;
   }),
   valued(
     ['-append'],
     'CMDLINE',
-    'the kernel command line for -kernel (not implemented yet)',
+    'the kernel command line for -kernel',
     (s, v) => {
       s.config.append = v;
     },

@@ -24,7 +24,7 @@ for (const cpus of [1, 2, 4]) {
   test(`probe guest with ${cpus} vCPU(s): every vCPU reports ready and ticks, nothing goes backwards`, async (t) => {
     if (!requireKvm(t)) return;
     await withMachine(
-      { cpus, memoryBytes: 64 * MiB, guest: 'probe', tickNs: TICK_NS },
+      { cpus, memoryBytes: 64 * MiB, boot: { kind: 'probe', image: 'probe', tickNs: TICK_NS } },
       async ({ machine, output }) => {
         await machine.lifecycle.vmStart();
         await waitFor(`${cpus} vCPUs ticking`, () =>
@@ -50,7 +50,7 @@ for (const cpus of [1, 2, 4]) {
 test('a spinning vCPU is paused and resumed 1,000 times without a hang or a torn line', async (t) => {
   if (!requireKvm(t)) return;
   await withMachine(
-    { cpus: 2, memoryBytes: 64 * MiB, guest: 'probe', tickNs: 1_000_000n },
+    { cpus: 2, memoryBytes: 64 * MiB, boot: { kind: 'probe', image: 'probe', tickNs: 1_000_000n } },
     async ({ machine, output }) => {
       await machine.lifecycle.vmStart();
       await waitFor('first ticks', () => ticksOf(output(), 0) > 0 && ticksOf(output(), 1) > 0);
@@ -75,28 +75,34 @@ test('a spinning vCPU is paused and resumed 1,000 times without a hang or a torn
 
 test('runOnCpu runs on the target vCPU thread: the ioctl is issued by that thread id', async (t) => {
   if (!requireKvm(t)) return;
-  await withMachine({ cpus: 4, memoryBytes: 64 * MiB, guest: 'probe' }, async ({ machine }) => {
-    const ids = machine.vcpus.threadIds;
-    assert.equal(new Set(ids).size, 4, 'four distinct vCPU threads');
-    for (let cpu = 0; cpu < 4; cpu++) {
-      const tid = await machine.vcpus.runOnCpu(cpu, 'gettid');
-      assert.equal(tid, ids[cpu]);
-      assert.notEqual(tid, gettid(), 'not the main thread');
-    }
-    // Also while the guest runs (the thread must be kicked out of KVM_RUN).
-    await machine.lifecycle.vmStart();
-    assert.equal(await machine.vcpus.runOnCpu(3, 'gettid'), ids[3]);
-    await machine.lifecycle.vmShutdown();
-  });
+  await withMachine(
+    { cpus: 4, memoryBytes: 64 * MiB, boot: { kind: 'probe', image: 'probe' } },
+    async ({ machine }) => {
+      const ids = machine.vcpus.threadIds;
+      assert.equal(new Set(ids).size, 4, 'four distinct vCPU threads');
+      for (let cpu = 0; cpu < 4; cpu++) {
+        const tid = await machine.vcpus.runOnCpu(cpu, 'gettid');
+        assert.equal(tid, ids[cpu]);
+        assert.notEqual(tid, gettid(), 'not the main thread');
+      }
+      // Also while the guest runs (the thread must be kicked out of KVM_RUN).
+      await machine.lifecycle.vmStart();
+      assert.equal(await machine.vcpus.runOnCpu(3, 'gettid'), ids[3]);
+      await machine.lifecycle.vmShutdown();
+    },
+  );
 });
 
 test('ending a running VM leaves no fd and no thread behind', async (t) => {
   if (!requireKvm(t)) return;
   // Warm up what Node creates lazily (worker infrastructure, libuv pool).
-  await withMachine({ cpus: 1, memoryBytes: 16 * MiB, guest: 'probe' }, async () => {});
+  await withMachine(
+    { cpus: 1, memoryBytes: 16 * MiB, boot: { kind: 'probe', image: 'probe' } },
+    async () => {},
+  );
   const before = processResources();
   await withMachine(
-    { cpus: 4, memoryBytes: 64 * MiB, guest: 'probe' },
+    { cpus: 4, memoryBytes: 64 * MiB, boot: { kind: 'probe', image: 'probe' } },
     async ({ machine, output }) => {
       await machine.lifecycle.vmStart();
       await waitFor('ready', () => output().includes('ready'));

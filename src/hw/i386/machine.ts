@@ -12,18 +12,12 @@ import type { KvmVm } from '../../accel/kvm/vm.js';
 import { VmLifecycle } from '../../system/cpus.js';
 import { TsvmmError } from '../../util/errors.js';
 import { COM1_BASE, COM1_IRQ, createSerialState, Serial16550 } from '../char/serial.js';
+import { buildGuestCpuid } from './cpuid.js';
+import { bootGuest, type GuestBoot } from './guest-boot.js';
 import { KvmClockDevice, type KvmClockFaults } from './kvm/clock.js';
 import { MSR_KVM_SYSTEM_TIME_NEW, pvclockNsAt, readPvclock } from './kvm/pvclock.js';
-import { writeLongModeTables } from './long-mode.js';
-import {
-  DEFAULT_TICK_NS,
-  PROBE_LOAD_ADDR,
-  PROBE_MAX_CPUS,
-  type ProbeGuestName,
-  probeEntry,
-  probeImage,
-  probeMemoryNeeded,
-} from './probe-boot.js';
+import { MPTABLE_MAX_CPUS } from './mptable.js';
+import { PROBE_MAX_CPUS, probeMemoryNeeded } from './probe-boot.js';
 
 const MSR_IA32_TSC = 0x10;
 /** Where KVM may put the three pages Intel VMX needs for real mode: just below the BIOS. */
@@ -34,9 +28,8 @@ export const COUNTING_PORT = 0x500;
 export interface MachineOptions {
   cpus: number;
   memoryBytes: number;
-  guest: ProbeGuestName;
-  /** Interval between the probe's tick lines. */
-  tickNs?: bigint;
+  /** What to boot: a probe guest, or a Linux kernel. */
+  boot: GuestBoot;
   /** Where the UART's output goes: an fd, or null to drop it (`-serial none`). */
   serialFd: number | null;
   /** kvmclock's `x-mach-use-reliable-get-clock`. */
@@ -63,16 +56,18 @@ export class X86Machine {
   ) {}
 
   static async create(options: MachineOptions): Promise<X86Machine> {
-    if (options.cpus < 1 || options.cpus > PROBE_MAX_CPUS) {
+    const maxCpus = options.boot.kind === 'probe' ? PROBE_MAX_CPUS : MPTABLE_MAX_CPUS;
+    if (options.cpus < 1 || options.cpus > maxCpus) {
       throw new MachineError(
         'MACHINE_CPUS',
-        `-smp ${options.cpus}: tsvmm supports 1 to ${PROBE_MAX_CPUS} vCPUs`,
+        `-smp ${options.cpus}: this guest supports 1 to ${maxCpus} vCPUs`,
       );
     }
-    if (options.memoryBytes < probeMemoryNeeded(options.cpus)) {
+    const needed = options.boot.kind === 'probe' ? probeMemoryNeeded(options.cpus) : 0;
+    if (options.memoryBytes < needed) {
       throw new MachineError(
         'MACHINE_MEMORY',
-        `-m ${options.memoryBytes} bytes is too small for ${options.cpus} vCPUs: give at least ${Math.ceil(probeMemoryNeeded(options.cpus) / 2 ** 20)} MiB`,
+        `-m ${options.memoryBytes} bytes is too small for ${options.cpus} vCPUs: give at least ${Math.ceil(needed / 2 ** 20)} MiB`,
       );
     }
     const cleanups: (() => void | Promise<void>)[] = [];
@@ -104,14 +99,34 @@ export class X86Machine {
         onGuestRequest: (request) => options.onGuestRequest?.(request),
       });
       cleanups.push(() => vcpus.end());
-      const tick = options.tickNs ?? DEFAULT_TICK_NS;
-      const loadGuest = async () => {
-        writeLongModeTables(memory);
-        memory.write(PROBE_LOAD_ADDR, probeImage(options.guest));
-        for (let cpu = 0; cpu < options.cpus; cpu++) {
-          await vcpus.runOnCpu(cpu, 'start_long_mode', probeEntry(cpu, tick));
-        }
-      };
+      // Every vCPU gets the host's CPUID with its own APIC id and the KVM
+      // paravirtual leaves (so a guest finds kvm-clock), and a PC's boot state.
+      const supported = kvm.getSupportedCpuid();
+      const tscDeadlineTimer = kvm.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
+      let leaf1 = { eax: 0, edx: 0 };
+      for (let cpu = 0; cpu < options.cpus; cpu++) {
+        const cpuid = buildGuestCpuid(supported, {
+          cpuIndex: cpu,
+          cpuCount: options.cpus,
+          tscDeadlineTimer,
+        });
+        leaf1 = cpuid.find((e) => e.function === 1) ?? leaf1;
+        await vcpus.runOnCpu(cpu, 'set_cpuid', cpuid);
+        await vcpus.runOnCpu(cpu, 'init_x86');
+      }
+      const loadGuest = () =>
+        bootGuest(
+          {
+            memory,
+            cpus: options.cpus,
+            cpuSignature: leaf1.eax,
+            cpuFeatures: leaf1.edx,
+            startLongMode: async (cpu, entry) => {
+              await vcpus.runOnCpu(cpu, 'start_long_mode', entry);
+            },
+          },
+          options.boot,
+        );
       await loadGuest();
 
       const lifecycle = new VmLifecycle({ cpus: vcpus });
