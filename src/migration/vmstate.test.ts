@@ -158,4 +158,44 @@ describe('vmstate', () => {
     validateVMState(vmstateAllTypes);
     validateVMState(vmstateClock);
   });
+
+  test('sibling subsections sent together load, and a nested one too (a subsection stops at a name not its own)', async () => {
+    interface S {
+      a: number;
+      b: number;
+      c: number;
+      d: number;
+    }
+    const field = (k: keyof S) =>
+      vmsField.uint8(
+        k,
+        (s: S) => s[k],
+        (s, v) => {
+          s[k] = v;
+        },
+      );
+    const desc: VMStateDescription<S> = {
+      name: 'dev',
+      version: 1,
+      fields: [field('a')],
+      subsections: [
+        {
+          name: 'dev/one',
+          version: 1,
+          needed: () => true,
+          fields: [field('b')],
+          subsections: [
+            { name: 'dev/one/inner', version: 1, needed: () => true, fields: [field('c')] },
+          ],
+        },
+        { name: 'dev/two', version: 1, needed: () => true, fields: [field('d')] },
+      ],
+    };
+    validateVMState(desc);
+    const bytes = await encode(desc, { a: 1, b: 2, c: 3, d: 4 });
+    const staged = await loadVMState(new StreamReader(bufferSource(bytes)), desc, 1);
+    const out: S = { a: 0, b: 0, c: 0, d: 0 };
+    applyVMState(staged, out);
+    assert.deepEqual(out, { a: 1, b: 2, c: 3, d: 4 });
+  });
 });

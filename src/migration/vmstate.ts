@@ -373,6 +373,31 @@ export async function loadVMState<S>(
   desc: VMStateDescription<S>,
   versionId: number,
 ): Promise<StagedVMState<S>> {
+  const { staged, next } = await loadWithSubsections(r, desc, versionId);
+  if (next !== undefined) throw unknownSubsection(desc, next);
+  return staged;
+}
+
+function unknownSubsection<S>(desc: VMStateDescription<S>, name: string): MigrationStreamError {
+  return new MigrationStreamError(
+    'MIGRATION_SHAPE_MISMATCH',
+    `vmstate '${desc.name}' has a subsection '${name}' this build does not know: ` +
+      'the stream comes from a newer or different tsvmm',
+  );
+}
+
+/**
+ * Loads `desc` and the subsections that follow it. A subsection header
+ * whose name is not "<desc.name>/..." belongs to an enclosing description
+ * (a sibling of `desc`, when `desc` is itself a subsection), as in QEMU's
+ * vmstate_subsection_load: its marker and name are consumed and handed back
+ * in `next` for the parent to load.
+ */
+async function loadWithSubsections<S>(
+  r: StreamReader,
+  desc: VMStateDescription<S>,
+  versionId: number,
+): Promise<{ staged: StagedVMState<S>; next: string | undefined }> {
   checkVersion(desc, versionId, 'vmstate');
   const values: (FieldValue | undefined)[] = [];
   for (const f of desc.fields) {
@@ -397,20 +422,19 @@ export async function loadVMState<S>(
     }
   }
   const subsections: StagedVMState<S>[] = [];
+  const staged = { desc, versionId, values, subsections };
+  let name: string | undefined;
   for (;;) {
-    const p = r.need(1);
-    if (p) await p;
-    if (r.peekU8() !== QEMU_VM_SUBSECTION) break;
-    r.u8();
-    const name = await r.str8();
-    const sub = desc.subsections?.find((s) => s.name === name);
-    if (!sub) {
-      throw new MigrationStreamError(
-        'MIGRATION_SHAPE_MISMATCH',
-        `vmstate '${desc.name}' has a subsection '${name}' this build does not know: ` +
-          'the stream comes from a newer or different tsvmm',
-      );
+    if (name === undefined) {
+      const p = r.need(1);
+      if (p) await p;
+      if (r.peekU8() !== QEMU_VM_SUBSECTION) return { staged, next: undefined };
+      r.u8();
+      name = await r.str8();
     }
+    if (!name.startsWith(`${desc.name}/`)) return { staged, next: name };
+    const sub = desc.subsections?.find((s) => s.name === name);
+    if (!sub) throw unknownSubsection(desc, name);
     if (subsections.some((s) => s.desc === sub)) {
       throw new MigrationStreamError(
         'MIGRATION_MALFORMED',
@@ -421,9 +445,10 @@ export async function loadVMState<S>(
     if (q) await q;
     const subVersion = r.u32();
     checkVersion(sub, subVersion, 'subsection');
-    subsections.push(await loadVMState(r, sub, subVersion));
+    const loaded = await loadWithSubsections(r, sub, subVersion);
+    subsections.push(loaded.staged);
+    name = loaded.next;
   }
-  return { desc, versionId, values, subsections };
 }
 
 /**

@@ -1,3 +1,4 @@
+import { AsyncLocalStorage } from 'node:async_hooks';
 import { isMainThread, threadId } from 'node:worker_threads';
 import { TsvmmError } from '../util/errors.js';
 import { TRACE_EVENT_NAMES, type TraceEventName } from './events.js';
@@ -111,9 +112,24 @@ export function setTraceThreadName(name: string): void {
   threadName = name;
 }
 
-/** The name this thread's records carry. */
+/** The logical thread an async task runs as (see withTraceThreadName). */
+const logicalThread = new AsyncLocalStorage<string>();
+
+/**
+ * Runs `fn`, and every callback and promise continuation it starts, as
+ * the logical thread `name`: their trace records carry `thread=<name>`
+ * instead of this thread's own name. The outgoing migration runs as
+ * `migration` this way: QEMU's migration thread, here an async task on the
+ * main thread (RAM copying could move to a worker later; the name would
+ * then stay true).
+ */
+export function withTraceThreadName<T>(name: string, fn: () => T): T {
+  return logicalThread.run(name, fn);
+}
+
+/** The name this thread's records carry (the logical thread's, inside withTraceThreadName). */
 export function traceThreadName(): string {
-  return threadName;
+  return logicalThread.getStore() ?? threadName;
 }
 
 /** One trace point. Get it once per module with `traceEvent(name)`. */
@@ -133,7 +149,8 @@ export class TraceEvent {
     const state = cells[this.id]!;
     if ((state & ENABLED) === 0) return;
     const wallNs = process.hrtime.bigint() + active.wallOffsetNs;
-    let text = `${formatTraceLine(active.pid, wallNs, this.name, fields, threadName)}\n`;
+    const thread = logicalThread.getStore() ?? threadName;
+    let text = `${formatTraceLine(active.pid, wallNs, this.name, fields, thread)}\n`;
     if ((state & BACKTRACE) !== 0 || cells[GLOBAL_BACKTRACE_CELL] !== 0) {
       text += captureBacktrace();
     }

@@ -50,6 +50,8 @@ export const TRACE_EVENT_NAMES = [
   // monitor
   'monitor_qmp_cmd_in_band', // id= name=
   'monitor_qmp_event', // name=
+  // migration/machine-migration.ts
+  'migrate_set_state', // new_state=
 ] as const;
 
 /** The name of one known trace event. */

@@ -60,6 +60,24 @@ const RX_BASE = 16;
 export const SERIAL_RX_CAPACITY = 4096;
 const CELLS = RX_BASE + SERIAL_RX_CAPACITY;
 
+/** The shared state's Int32 cell indices, for the UART's migration state (serial-vmstate.ts). */
+export const SERIAL_CELLS = {
+  LOCK,
+  IER,
+  LCR,
+  MCR,
+  SCR,
+  DLL,
+  DLM,
+  FCR,
+  THR_INT_PENDING,
+  MSR_DELTA,
+  IRQ_LEVEL,
+  RX_HEAD,
+  RX_COUNT,
+  RX_BASE,
+} as const;
+
 /** Allocates the shared state of one UART, to hand to every thread that drives it. */
 export function createSerialState(): SharedArrayBuffer {
   const sab = new SharedArrayBuffer(CELLS * 4);
@@ -80,7 +98,8 @@ export class Serial16550 {
   private readonly lock: SharedLock;
 
   constructor(
-    state: SharedArrayBuffer,
+    /** The shared state this handle drives (for migration: serial-vmstate.ts). */
+    readonly state: SharedArrayBuffer,
     private readonly backend: SerialBackend,
   ) {
     this.cells = new Int32Array(state);
