@@ -9,6 +9,8 @@ import type { GuestRequest } from '../accel/kvm/vcpu-threads.js';
 import { parseKernelImage } from '../hw/i386/boot/kernel-image.js';
 import type { GuestBoot } from '../hw/i386/guest-boot.js';
 import { X86Machine } from '../hw/i386/machine.js';
+import { x86MigrationHost } from '../hw/i386/machine-migration-host.js';
+import { MachineMigration } from '../migration/machine-migration.js';
 import { registerStandardCommands } from '../monitor/commands.js';
 import { HmpMonitor } from '../monitor/hmp.js';
 import { HmpInterpreter } from '../monitor/hmp-interpreter.js';
@@ -28,13 +30,6 @@ import { machineVmControl } from './vm-control.js';
 function fail(message: string): number {
   process.stderr.write(`tsvmm: ${message}\n`);
   return 1;
-}
-
-/** Refuses what the command line accepts but this build cannot do yet, before anything starts. */
-function checkSupported(config: VmConfig): void {
-  if (config.incoming !== undefined) {
-    throw new UsageError('-incoming: incoming migration is not implemented yet');
-  }
 }
 
 /** Reads a file named on the command line, or says which option named it and why it cannot be read. */
@@ -61,7 +56,6 @@ function guestBoot(config: VmConfig): GuestBoot {
 }
 
 async function run(config: VmConfig): Promise<number> {
-  checkSupported(config);
   let tracing: TracingSetup | undefined;
   let serialFd: number | null = null;
   let ownSerialFd = false;
@@ -119,7 +113,21 @@ async function run(config: VmConfig): Promise<number> {
       loop,
       ...(config.name !== undefined ? { name: config.name } : {}),
     });
-    registerStandardCommands(registry, { vm, version: qmpVersionInfo() });
+    let incomingFailed = false;
+    const migration = new MachineMigration(
+      x86MigrationHost(machine, {
+        scheduleBottomHalf: (name, fn) => loop!.newBottomHalf(name, fn).schedule(),
+        emitEvent: (e) => server.broadcast(e.event, { ...e.data }),
+        autostart: () => vm.autostart,
+      }),
+      {
+        onIncomingFailed: () => {
+          incomingFailed = true;
+          loop!.requestShutdown('host-error');
+        },
+      },
+    );
+    registerStandardCommands(registry, { vm, version: qmpVersionInfo(), migration });
     lifecycle.events.on('STOP', () => server.broadcast('STOP'));
     lifecycle.events.on('RESUME', () => server.broadcast('RESUME'));
     lifecycle.events.on('SHUTDOWN', (d) => server.broadcast('SHUTDOWN', { ...d }));
@@ -147,16 +155,27 @@ async function run(config: VmConfig): Promise<number> {
       }).start();
     }
 
-    // QEMU leaves preconfig by running `cont` unless -S was given.
-    if (!config.startPaused) await contCommand(vm);
+    if (config.incoming) {
+      // The VM starts when the stream is in (unless -S): QEMU's autostart.
+      vm.setAutostart(!config.startPaused);
+      await migration.startIncoming(
+        config.incoming.kind === 'defer' ? 'defer' : config.incoming.uri,
+      );
+    } else if (!config.startPaused) {
+      // QEMU leaves preconfig by running `cont` unless -S was given.
+      await contCommand(vm);
+    }
 
     const m = machine;
-    return await runUntilShutdown(loop, lifecycle, async () => {
+    const status = await runUntilShutdown(loop, lifecycle, async () => {
       removeSignals();
       detachSerial?.();
+      await migration.close();
       await server.close();
       await m.destroy();
     });
+    // A failed incoming migration ends the process as a shutdown, but it is a failure.
+    return incomingFailed ? 1 : status;
   } catch (err) {
     await server.close().catch(() => {});
     await machine?.destroy().catch(() => {});

@@ -216,14 +216,9 @@ const OPTIONS: readonly OptionDef[] = [
   valued(['-initrd'], 'FILE', 'an initial ram disk for -kernel', (s, v) => {
     s.config.initrd = v;
   }),
-  valued(
-    ['-append'],
-    'CMDLINE',
-    'the kernel command line for -kernel',
-    (s, v) => {
-      s.config.append = v;
-    },
-  ),
+  valued(['-append'], 'CMDLINE', 'the kernel command line for -kernel', (s, v) => {
+    s.config.append = v;
+  }),
   flag(['-S'], 'do not start the guest: wait for "cont" on the monitor or QMP', (s) => {
     s.config.startPaused = true;
   }),
@@ -266,7 +261,7 @@ const OPTIONS: readonly OptionDef[] = [
   valued(
     ['-incoming'],
     'URI|defer',
-    'wait for an incoming migration from URI, or for migrate-incoming (defer) (not implemented yet: refused)',
+    'wait for an incoming migration from URI (file:, exec:, unix:, tcp:), or for migrate-incoming (defer)',
     (s, v) => {
       s.config.incoming = parseIncoming(v);
     },

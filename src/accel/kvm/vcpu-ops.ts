@@ -7,6 +7,7 @@ import { doKvmclockCtrl } from '../../hw/i386/kvm/clock.js';
 import { longModeSregs } from '../../hw/i386/long-mode.js';
 import { bootMsrs, initFpu, initLapicLints } from '../../hw/i386/vcpu-init.js';
 import { TsvmmError } from '../../util/errors.js';
+import { type CpuSavedState, captureCpuState, restoreCpuState } from './cpu-state.js';
 import { gettid } from './ffi.js';
 import type { KvmCpuidEntry2 } from './structs/cpuid.js';
 import type { KvmMsrEntry } from './structs/msrs.js';
@@ -84,6 +85,9 @@ const OPS: Record<string, VcpuOp> = {
     });
   },
   unpark: (ctx) => ctx.unpark(),
+  /** All of the vCPU's state, for the migration stream (see cpu-state.ts). */
+  get_cpu_state: ({ vcpu }) => captureCpuState(vcpu),
+  set_cpu_state: ({ vcpu }, arg) => restoreCpuState(vcpu, arg as CpuSavedState),
   /** FPU reset state, PC LINT wiring and the boot MSRs (see hw/i386/vcpu-init.ts). */
   init_x86: ({ vcpu }) => {
     initFpu(vcpu);

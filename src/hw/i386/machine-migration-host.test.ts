@@ -1,0 +1,122 @@
+/**
+ * Migration of the probe guest on real KVM: saved to a file from a running
+ * machine and started again in a new X86Machine. Needs the vCPU ops
+ * get_cpu_state / set_cpu_state (accel/kvm/vcpu-ops.ts).
+ */
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { crc32 } from '../../migration/crc32.js';
+import { guestMemoryRam } from '../../migration/guest-memory-ram.js';
+import { MachineMigration } from '../../migration/machine-migration.js';
+import { BottomHalf } from '../../system/main-loop.js';
+import { requireKvm } from '../../test-support/kvm.js';
+import { parseProbeOutput, waitFor, withMachine } from '../../test-support/machine.js';
+import type { X86Machine } from './machine.js';
+import { x86MigrationHost } from './machine-migration-host.js';
+
+const MiB = 2 ** 20;
+const TICK_NS = 10_000_000n;
+const GAP_MS = 1500;
+
+function ramChecksum(machine: X86Machine): number {
+  const [block] = guestMemoryRam(machine.memory).blocks;
+  let crc = 0;
+  for (let off = 0; off < block!.size; off += 16 * MiB) {
+    crc = crc32(block!.read(off, Math.min(16 * MiB, block!.size - off)), crc);
+  }
+  return crc;
+}
+
+function migrationOf(machine: X86Machine, autostart: boolean): MachineMigration {
+  return new MachineMigration(
+    x86MigrationHost(machine, {
+      scheduleBottomHalf: (name, fn) => new BottomHalf(name, fn).schedule(),
+      emitEvent: () => {},
+      autostart: () => autostart,
+    }),
+    { progress: null, log: () => {} },
+  );
+}
+
+function lastTickNs(output: string, cpu: number): bigint {
+  const ticks = parseProbeOutput(output).filter((l) => l.cpu === cpu && l.event === 'tick');
+  return ticks.at(-1)?.fields.ns ?? -1n;
+}
+
+for (const cpus of [1, 2, 4]) {
+  test(`probe guest with ${cpus} vCPU(s) saved to file: and restored in a new machine goes on where it left off`, async (t) => {
+    if (!requireKvm(t)) return;
+    const dir = mkdtempSync(join(tmpdir(), 'tsvmm-kvm-migrate-'));
+    const path = join(dir, 'probe.state');
+    const options = {
+      cpus,
+      memoryBytes: 64 * MiB,
+      boot: { kind: 'probe', image: 'probe', tickNs: TICK_NS },
+    } as const;
+    try {
+      let savedRam = 0;
+      let savedClock = 0n;
+      const lastNs: bigint[] = [];
+      await withMachine(options, async ({ machine, output }) => {
+        await machine.lifecycle.vmStart();
+        await waitFor('every vCPU ticking', () =>
+          Array.from({ length: cpus }, (_, c) => lastTickNs(output(), c)).every((ns) => ns > 0n),
+        );
+        const mig = migrationOf(machine, true);
+        await mig.migrate(`file:${path}`);
+        await mig.whenIdle();
+        assert.equal(mig.status, 'completed', JSON.stringify(mig.queryMigrate()));
+        assert.equal(machine.lifecycle.runstate.current, 'postmigrate');
+        savedRam = ramChecksum(machine);
+        savedClock = machine.kvmclock.clock;
+        for (let c = 0; c < cpus; c++) lastNs.push(lastTickNs(output(), c));
+        await machine.lifecycle.vmShutdown();
+      });
+      // Wall time passes between save and restore; the guest must not see it.
+      await new Promise((r) => setTimeout(r, GAP_MS));
+      await withMachine(options, async ({ machine, output }) => {
+        const before = output().length;
+        const mig = migrationOf(machine, false);
+        await mig.startIncoming(`file:${path}`);
+        await mig.whenIdle();
+        await waitFor(
+          'the incoming migration',
+          () => mig.status === 'completed' || mig.status === 'failed',
+        );
+        assert.equal(mig.status, 'completed', JSON.stringify(mig.queryMigrate()));
+        assert.equal(machine.lifecycle.runstate.current, 'paused');
+        assert.equal(ramChecksum(machine), savedRam, 'guest RAM identical');
+        assert.equal(machine.kvmclock.clock, savedClock, 'kvmclock loaded as saved');
+        await machine.lifecycle.vmStart();
+        await waitFor('every vCPU reporting stopped and ticking again', () => {
+          const lines = parseProbeOutput(output().slice(before));
+          return Array.from({ length: cpus }, (_, c) => c).every(
+            (c) =>
+              lines.some((l) => l.cpu === c && l.event === 'stopped') &&
+              lines.some((l) => l.cpu === c && l.event === 'tick'),
+          );
+        });
+        const lines = parseProbeOutput(output().slice(before));
+        assert.deepEqual(
+          lines.filter((l) => l.event === 'backwards' || l.event === 'ready'),
+          [],
+        );
+        for (let c = 0; c < cpus; c++) {
+          const first = lines.find((l) => l.cpu === c && l.event === 'tick')!.fields.ns!;
+          assert.ok(first > lastNs[c]!, `cpu ${c}: ticks continue (${first} after ${lastNs[c]})`);
+          // The gap is not on the guest's clock: far less than GAP_MS passed for it.
+          assert.ok(
+            first - lastNs[c]! < BigInt(GAP_MS / 3) * 1_000_000n,
+            `cpu ${c}: kvmclock did not advance across the gap`,
+          );
+        }
+        await machine.lifecycle.vmShutdown();
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}

@@ -1,0 +1,62 @@
+/**
+ * The x86 machine's migratable devices, in stream order: one "cpu" per
+ * vCPU, the in-kernel PICs, IOAPIC and PIT, the COM1 UART, and kvmclock.
+ * vCPU state is read and written on each vCPU's own thread through the
+ * vCPU ops `get_cpu_state` and `set_cpu_state`; the chips through the VM fd.
+ */
+import type { CpuSavedState } from '../../accel/kvm/cpu-state.js';
+import type { MigratableDevice } from '../../migration/machine-migration.js';
+import type { CpuController } from '../../system/cpus.js';
+import { serialMigrationState, serialSection } from '../char/serial-vmstate.js';
+import { cpuMigrationState, cpuSection } from './cpu-vmstate.js';
+import {
+  captureIrqchipState,
+  type IrqchipVm,
+  irqchipDeviceSections,
+  irqchipSections,
+  restoreIrqchipState,
+} from './irqchip-vmstate.js';
+import type { KvmClockDevice } from './kvm/clock.js';
+import { kvmclockSection } from './kvm/clock-vmstate.js';
+
+/** The vCPU op names the vCPU threads must offer (vcpu-ops.ts). */
+export const GET_CPU_STATE_OP = 'get_cpu_state';
+export const SET_CPU_STATE_OP = 'set_cpu_state';
+
+/** The machine's parts migration reads and writes. */
+export interface X86MigrationParts {
+  readonly vm: IrqchipVm;
+  readonly cpus: Pick<CpuController, 'count' | 'runOnCpu'>;
+  readonly kvmclock: KvmClockDevice;
+  /** The UART's shared state (createSerialState()). */
+  readonly serialState: SharedArrayBuffer;
+}
+
+/** The devices list of an X86Machine for MigrationHost.devices. */
+export function x86MigrationDevices(parts: X86MigrationParts): MigratableDevice[] {
+  const devices: MigratableDevice[] = [];
+  for (let cpu = 0; cpu < parts.cpus.count; cpu++) {
+    const state = cpuMigrationState(cpu);
+    devices.push({
+      section: cpuSection(state),
+      capture: async () => {
+        state.saved = (await parts.cpus.runOnCpu(cpu, GET_CPU_STATE_OP)) as CpuSavedState;
+      },
+      restore: async () => {
+        await parts.cpus.runOnCpu(cpu, SET_CPU_STATE_OP, state.saved);
+      },
+    });
+  }
+  const chips = irqchipSections();
+  const [first, ...rest] = irqchipDeviceSections(chips);
+  // The four chip sections are read and written together, with the first.
+  devices.push({
+    section: first!,
+    capture: () => captureIrqchipState(parts.vm, chips),
+    restore: () => restoreIrqchipState(parts.vm, chips),
+  });
+  for (const section of rest) devices.push({ section });
+  devices.push({ section: serialSection(serialMigrationState(parts.serialState)) });
+  devices.push({ section: kvmclockSection(parts.kvmclock) });
+  return devices;
+}

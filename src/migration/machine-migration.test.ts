@@ -1,0 +1,429 @@
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, test } from 'node:test';
+import type { CpuSavedState } from '../accel/kvm/cpu-state.js';
+import { CPU_MSRS } from '../accel/kvm/cpu-state.js';
+import type { KvmIrqchip, KvmPitState2 } from '../accel/kvm/structs/vm.js';
+import { createSerialState, Serial16550, UART_SCR } from '../hw/char/serial.js';
+import type { IrqchipVm } from '../hw/i386/irqchip-vmstate.js';
+import {
+  doKvmclockCtrl,
+  KVMCLOCK_CTRL_OP,
+  type KvmClockBackend,
+  KvmClockDevice,
+} from '../hw/i386/kvm/clock.js';
+import {
+  GET_CPU_STATE_OP,
+  SET_CPU_STATE_OP,
+  x86MigrationDevices,
+} from '../hw/i386/migration-devices.js';
+import { VmLifecycle } from '../system/cpus.js';
+import { BottomHalf } from '../system/main-loop.js';
+import { RecordingCpus } from '../system/recording-cpus.js';
+import { type RunState, RunStateMachine } from '../system/runstate.js';
+import { captureTrace } from '../trace/capture.js';
+import {
+  MachineMigration,
+  type MigrationHost,
+  PROCESS_INCOMING_MIGRATION_BH,
+} from './machine-migration.js';
+import { createBufferRam, PAGE_SIZE } from './ram.js';
+import type { MigrationEvent } from './state.js';
+
+// Sequencing tests of MachineMigration with a recording double of the vCPU
+// layer (RecordingCpus: it runs named ops on the calling thread) and of
+// kvmclock's KVM calls, but the real lifecycle, run states, notifiers,
+// kvmclock device, stream, channels and files. They do not stand in for
+// KVM: the KVM-gated tests in hw/i386/machine-migration.test.ts do that.
+
+function cpuState(cpu: number): CpuSavedState {
+  const seg = {
+    base: 0n,
+    limit: 0xffff,
+    selector: 0,
+    type: 3,
+    present: 1,
+    dpl: 0,
+    db: 0,
+    s: 1,
+    l: 0,
+    g: 0,
+    avl: 0,
+    unusable: 0,
+  };
+  return {
+    regs: {
+      rax: 1n,
+      rbx: 2n,
+      rcx: 3n,
+      rdx: 4n,
+      rsi: 5n,
+      rdi: 6n,
+      rsp: 0x8000n,
+      rbp: 8n,
+      r8: 9n,
+      r9: 10n,
+      r10: 11n,
+      r11: 12n,
+      r12: 13n,
+      r13: 14n,
+      r14: 15n,
+      r15: BigInt(cpu),
+      rip: 0x100000n + BigInt(cpu),
+      rflags: 2n,
+    },
+    sregs: {
+      cs: seg,
+      ds: seg,
+      es: seg,
+      fs: seg,
+      gs: seg,
+      ss: seg,
+      tr: seg,
+      ldt: seg,
+      gdt: { base: 0x1000n, limit: 0x27 },
+      idt: { base: 0n, limit: 0 },
+      cr0: 0x80000011n,
+      cr2: 0n,
+      cr3: 0x2000n,
+      cr4: 0x20n,
+      cr8: 0n,
+      efer: 0x500n,
+      apicBase: 0xfee00900n,
+      interruptBitmap: [0n, 0n, 0n, 0n],
+    },
+    xsave: { region: new Uint8Array(4096).fill(cpu + 1) },
+    xcrs: { flags: 0, xcrs: [{ xcr: 0, value: 3n }] },
+    msrs: CPU_MSRS.map((m) => ({ index: m.index, data: BigInt(m.index) * 3n + BigInt(cpu) })),
+    lapic: { regs: new Uint8Array(1024).fill(0x40 + cpu) },
+    events: {
+      exception: { injected: 0, nr: 0, hasErrorCode: 0, pending: 0, errorCode: 0 },
+      interrupt: { injected: 0, nr: 0, soft: 0, shadow: 0 },
+      nmi: { injected: 0, pending: 0, masked: 0 },
+      sipiVector: 0,
+      flags: 5,
+      smi: { smm: 0, pending: 0, smmInsideNmi: 0, latchedInit: 0 },
+      tripleFault: { pending: 0 },
+      exceptionHasPayload: 0,
+      exceptionPayload: 0n,
+    },
+    mpState: { mpState: 3 },
+    debugregs: { db: [0n, 0n, 0n, 0n], dr6: 0xffff0ff0n, dr7: 0x400n, flags: 0n },
+  };
+}
+
+interface HarnessOptions {
+  cpus?: number;
+  initial?: RunState;
+  autostart?: boolean;
+  pages?: number;
+  seed?: boolean;
+}
+
+function harness(o: HarnessOptions = {}) {
+  const n = o.cpus ?? 2;
+  const log: string[] = [];
+  const events: MigrationEvent[] = [];
+  const cpus = new RecordingCpus(n, log);
+  const restored: (CpuSavedState | undefined)[] = [];
+  cpus.ops.set(KVMCLOCK_CTRL_OP, (cpu) => {
+    log.push(`ctrl ${cpu}`);
+    return doKvmclockCtrl({ kvmclockCtrl() {} }, cpu);
+  });
+  cpus.ops.set(GET_CPU_STATE_OP, (cpu) => cpuState(cpu));
+  cpus.ops.set(SET_CPU_STATE_OP, (cpu, arg) => {
+    restored[cpu] = arg as CpuSavedState;
+  });
+  const lifecycle = new VmLifecycle({
+    cpus,
+    runstate: new RunStateMachine(o.initial ?? 'prelaunch'),
+  });
+  lifecycle.events.on('STOP', () => log.push('STOP'));
+  lifecycle.events.on('RESUME', () => log.push('RESUME'));
+  let kvmClock = o.seed ? 7_000_000_000n : 1000n;
+  const clockSets: bigint[] = [];
+  const backend: KvmClockBackend = {
+    getClock: () => {
+      kvmClock += 1000n;
+      return { clock: kvmClock, flags: 0 };
+    },
+    setClock: (clock) => {
+      clockSets.push(clock);
+      kvmClock = clock;
+    },
+    hasKvmclockCtrl: true,
+    clockIsReliableFromHost: true,
+  };
+  const kvmclock = new KvmClockDevice(backend, cpus);
+  kvmclock.realize(lifecycle.notifiers);
+  const chips = new Map<number, Uint8Array>(
+    [0, 1, 2].map((id) => [id, new Uint8Array(512).fill(o.seed ? id + 10 : 0)]),
+  );
+  let pit: KvmPitState2 = {
+    channels: [0, 1, 2].map((i) => ({
+      count: o.seed ? 100 + i : 0,
+      latchedCount: 0,
+      countLatched: 0,
+      statusLatched: 0,
+      status: 0,
+      readState: 0,
+      writeState: 0,
+      writeLatch: 0,
+      rwMode: 0,
+      mode: 0,
+      bcd: 0,
+      gate: 0,
+      countLoadTime: 0n,
+    })),
+    flags: 0,
+  };
+  const vm: IrqchipVm = {
+    getIrqchip: (chipId): KvmIrqchip => ({ chipId, chip: chips.get(chipId)!.slice() }),
+    setIrqchip: (c) => {
+      log.push(`setIrqchip ${c.chipId}`);
+      chips.set(c.chipId, c.chip.slice());
+    },
+    getPit2: () => structuredClone(pit),
+    setPit2: (p) => {
+      log.push('setPit2');
+      pit = structuredClone(p);
+    },
+  };
+  const serialState = createSerialState();
+  const serial = new Serial16550(serialState, { transmit: () => {}, setIrq: () => {} });
+  if (o.seed) serial.write(UART_SCR, 0x77);
+  const ram = createBufferRam([{ id: 'pc.ram', size: (o.pages ?? 64) * PAGE_SIZE }]);
+  if (o.seed) {
+    const mem = ram.memory.get('pc.ram')!;
+    for (let i = 0; i < mem.length; i += 997) mem[i] = (i / 997) & 0xff;
+  }
+  const bhs: string[] = [];
+  const host: MigrationHost = {
+    machineType: 'pc',
+    vcpus: n,
+    ram,
+    devices: x86MigrationDevices({ vm, cpus, kvmclock, serialState }),
+    lifecycle,
+    scheduleBottomHalf: (name, fn) => {
+      log.push(`bh ${name}`);
+      bhs.push(name);
+      new BottomHalf(name, fn).schedule();
+    },
+    emitEvent: (e) => events.push(e),
+    autostart: () => o.autostart ?? true,
+    ramIsZeroed: !o.seed,
+  };
+  const failures: Error[] = [];
+  const migration = new MachineMigration(host, {
+    progress: null,
+    log: () => {},
+    onIncomingFailed: (e) => failures.push(e),
+  });
+  return {
+    log,
+    events,
+    cpus,
+    lifecycle,
+    kvmclock,
+    clockSets,
+    chips,
+    pit: () => pit,
+    serial,
+    serialState,
+    ram,
+    restored,
+    bhs,
+    migration,
+    failures,
+  };
+}
+
+const statuses = (events: MigrationEvent[]) =>
+  events.map((e) => (e.event === 'MIGRATION' ? e.data.status : `pass ${e.data.pass}`));
+
+async function until(what: string, check: () => boolean, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+describe('MachineMigration (recording vCPU double)', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'tsvmm-migrate-'));
+  });
+  afterEach(() => {
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function saveRunning(o: HarnessOptions = {}) {
+    const src = harness({ seed: true, ...o });
+    await src.lifecycle.vmStart();
+    const path = join(dir, 'vm.state');
+    const trace = await captureTrace(
+      ['kvmclock_vm_state_change', 'migrate_set_state'],
+      async () => {
+        await src.migration.migrate(`file:${path}`);
+        await src.migration.whenIdle();
+      },
+    );
+    return { src, path, trace };
+  }
+
+  test('outgoing to file: setup, active, finish-migrate stop on the migration thread, completed, postmigrate', async () => {
+    const { src, path, trace } = await saveRunning();
+    assert.deepEqual(statuses(src.events), ['setup', 'active', 'pass 1', 'completed']);
+    assert.equal(src.lifecycle.runstate.current, 'postmigrate');
+    const stops = trace.filter((l) => l.includes('kvmclock_vm_state_change'));
+    assert.equal(stops.length, 1);
+    assert.match(
+      stops[0]!,
+      /kvmclock_vm_state_change running=0 state=finish-migrate thread=migration$/,
+    );
+    // The stop comes before any vCPU state is read, and each vCPU is read on its own thread's queue.
+    const pause = src.log.lastIndexOf('pauseAll');
+    assert.ok(pause >= 0 && pause < src.log.indexOf('runOnCpu 0 get_cpu_state'));
+    assert.ok(src.log.includes('runOnCpu 1 get_cpu_state'));
+    assert.ok(src.log.includes('STOP'));
+    assert.deepEqual(readdirSync(dir), ['vm.state'], 'no temporary file left');
+    assert.equal(readFileSync(path).subarray(0, 4).toString('latin1'), 'QEVM');
+    const info = src.migration.queryMigrate();
+    assert.equal(info.status, 'completed');
+    assert.equal((info.ram as { total: number }).total, 64 * PAGE_SIZE);
+  });
+
+  test('incoming from file: verified load, state into every device, then process_incoming_migration_bh starts the VM', async () => {
+    const { src, path } = await saveRunning();
+    const dst = harness();
+    const trace = await captureTrace(
+      ['kvmclock_vm_state_change', 'kvmclock_ctrl', 'bh_run'],
+      async () => {
+        await dst.migration.startIncoming(`file:${path}`);
+        assert.equal(dst.lifecycle.runstate.current, 'inmigrate');
+        await dst.migration.whenIdle();
+        await until(
+          'the incoming migration to complete',
+          () => dst.migration.status === 'completed',
+        );
+      },
+    );
+    assert.equal(dst.lifecycle.runstate.current, 'running');
+    assert.deepEqual(dst.bhs, [PROCESS_INCOMING_MIGRATION_BH]);
+    assert.deepEqual(statuses(dst.events), ['setup', 'active', 'completed']);
+    // Every vCPU got its state on its own queue before the VM resumed; then KVMCLOCK_CTRL on each.
+    const resume = dst.log.indexOf('resumeAll');
+    for (const cpu of [0, 1]) {
+      assert.ok(dst.log.indexOf(`runOnCpu ${cpu} set_cpu_state`) < resume);
+      assert.ok(
+        dst.log.indexOf(`ctrl ${cpu}`) > dst.log.indexOf(`bh ${PROCESS_INCOMING_MIGRATION_BH}`),
+      );
+      assert.deepEqual(dst.restored[cpu], cpuState(cpu));
+    }
+    assert.ok(dst.log.indexOf('setIrqchip 0') < resume);
+    for (const id of [0, 1, 2]) assert.deepEqual(dst.chips.get(id), src.chips.get(id));
+    assert.deepEqual(dst.pit(), src.pit());
+    assert.equal(dst.serial.read(UART_SCR), 0x77);
+    assert.deepEqual(dst.ram.memory.get('pc.ram'), src.ram.memory.get('pc.ram'));
+    // kvmclock starts from the clock saved at finish-migrate: no time passed for the guest.
+    assert.deepEqual(dst.clockSets, [src.kvmclock.clock]);
+    const bhRun = trace.findIndex((l) =>
+      l.includes(`bh_run name=${PROCESS_INCOMING_MIGRATION_BH}`),
+    );
+    const start = trace.findIndex((l) =>
+      l.includes('kvmclock_vm_state_change running=1 state=running'),
+    );
+    assert.ok(bhRun >= 0 && start > bhRun, 'the start runs in the bottom half');
+    assert.match(trace[start]!, /thread=main$/);
+    assert.equal(trace.filter((l) => l.includes('kvmclock_ctrl')).length, 2);
+  });
+
+  test('incoming without autostart (-S) leaves the VM paused', async () => {
+    const { path } = await saveRunning();
+    const dst = harness({ autostart: false });
+    await dst.migration.startIncoming(`file:${path}`);
+    await dst.migration.whenIdle();
+    await until('the incoming migration to complete', () => dst.migration.status === 'completed');
+    assert.equal(dst.lifecycle.runstate.current, 'paused');
+    assert.ok(!dst.log.includes('resumeAll'));
+  });
+
+  test('incoming from a corrupted file: refused, no device state applied, the VM never starts', async () => {
+    const { path } = await saveRunning();
+    const bytes = readFileSync(path);
+    bytes[Math.floor(bytes.length / 2)]! ^= 0x10;
+    writeFileSync(path, bytes);
+    const dst = harness();
+    const clockBefore = dst.kvmclock.clock;
+    await dst.migration.startIncoming(`file:${path}`);
+    await dst.migration.whenIdle();
+    await new Promise((r) => setImmediate(r));
+    assert.equal(dst.migration.status, 'failed');
+    assert.equal(dst.failures.length, 1);
+    assert.match(String(dst.migration.queryMigrate()['error-desc']), /checksum|damaged/);
+    assert.equal(dst.lifecycle.runstate.current, 'inmigrate');
+    assert.deepEqual(dst.bhs, []);
+    assert.ok(!dst.log.includes('resumeAll'));
+    assert.ok(
+      !dst.log.some(
+        (l) => l.includes('set_cpu_state') || l.startsWith('setIrqchip') || l === 'setPit2',
+      ),
+    );
+    assert.equal(dst.kvmclock.clock, clockBefore);
+    assert.equal(dst.serial.read(UART_SCR), 0);
+    assert.deepEqual(dst.restored, []);
+  });
+
+  test('a channel that cannot open (file: in a missing directory) fails the migration; the VM keeps running', async () => {
+    const src = harness({ seed: true });
+    await src.lifecycle.vmStart();
+    await src.migration.migrate(`file:${join(dir, 'missing', 'vm.state')}`);
+    await src.migration.whenIdle();
+    assert.deepEqual(statuses(src.events), ['setup', 'failed']);
+    assert.match(String(src.migration.queryMigrate()['error-desc']), /cannot open/);
+    assert.equal(src.lifecycle.runstate.current, 'running');
+  });
+
+  test('exec:false fails after the completion stopped the VM; the VM is resumed', async () => {
+    const src = harness({ seed: true });
+    await src.lifecycle.vmStart();
+    await src.migration.migrate('exec:false');
+    await src.migration.whenIdle();
+    assert.deepEqual(statuses(src.events), ['setup', 'active', 'pass 1', 'failed']);
+    assert.equal(src.lifecycle.runstate.current, 'running');
+    const stop = src.log.indexOf('STOP');
+    assert.ok(stop >= 0 && src.log.indexOf('RESUME', stop) > stop, 'stopped, then resumed');
+  });
+
+  test('migrate_cancel during the save: cancelled, the command is gone, the VM is resumed', async () => {
+    const src = harness({ seed: true, pages: 4096 });
+    await src.lifecycle.vmStart();
+    // `sleep` never reads its stdin: the pipe fills and the save blocks.
+    await src.migration.migrate('exec:sleep 30');
+    await until('the completion stop', () => src.lifecycle.runstate.current === 'finish-migrate');
+    await new Promise((r) => setTimeout(r, 50));
+    await src.migration.cancel();
+    await src.migration.whenIdle();
+    assert.deepEqual(statuses(src.events), [
+      'setup',
+      'active',
+      'pass 1',
+      'cancelling',
+      'cancelled',
+    ]);
+    assert.equal(src.lifecycle.runstate.current, 'running');
+  });
+
+  test('migrate refuses a second migration and a bad URI; query and set parameters', async () => {
+    const src = harness();
+    await assert.rejects(src.migration.migrate('ftp:x'), /bad migration URI/);
+    assert.deepEqual(src.migration.queryMigrate(), {});
+    src.migration.setParameters({ 'downtime-limit': 50, 'max-bandwidth': 0 });
+    assert.deepEqual(src.migration.queryParameters(), { 'downtime-limit': 50, 'max-bandwidth': 0 });
+    await assert.rejects(src.migration.migrateIncoming(`file:${join(dir, 'x')}`), /-incoming/);
+    assert.ok(!existsSync(join(dir, 'x')));
+  });
+});
