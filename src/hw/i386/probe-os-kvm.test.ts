@@ -1,0 +1,119 @@
+/**
+ * The probe OS (guests/probe-os) on real KVM, booted by tsvmm's Linux
+ * loader: SMP bring-up, kvmclock on every CPU, the soft-lockup watchdog and
+ * its GUEST_STOPPED pardon, and the serial console. Under QEMU's TCG the
+ * same guest is tested without kvmclock (probe-os.test.ts).
+ */
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { requireKvm } from '../../test-support/kvm.js';
+import { type MachineUnderTest, waitFor, withMachine } from '../../test-support/machine.js';
+
+const MiB = 2 ** 20;
+const probeOs = fileURLToPath(new URL('../../../guests/probe-os/probe-os.elf', import.meta.url));
+
+/** `probe cpu=<n> <event> ...` lines of the probe OS, as [cpu, event, fields]. */
+function events(output: string, event: string): { cpu: number; fields: Record<string, string> }[] {
+  const found: { cpu: number; fields: Record<string, string> }[] = [];
+  for (const raw of output.split('\n')) {
+    const m = /^probe cpu=(\d+) (\w+)(.*)$/.exec(raw.trimEnd());
+    if (!m || m[2] !== event) continue;
+    const fields: Record<string, string> = {};
+    for (const kv of m[3]!.trim().split(/\s+/).filter(Boolean)) {
+      const at = kv.indexOf('=');
+      fields[kv.slice(0, at)] = kv.slice(at + 1);
+    }
+    found.push({ cpu: Number(m[1]), fields });
+  }
+  return found;
+}
+
+async function bootProbeOs(
+  cpus: number,
+  cmdline: string,
+  body: (m: MachineUnderTest) => Promise<void>,
+): Promise<void> {
+  await withMachine(
+    {
+      cpus,
+      memoryBytes: 512 * MiB,
+      boot: { kind: 'linux', kernel: readFileSync(probeOs), cmdline: `console=ttyS0 ${cmdline}` },
+    },
+    async (m) => {
+      await m.machine.lifecycle.vmStart();
+      await waitFor(
+        `${cpus} CPUs ready`,
+        () => events(m.output(), 'ready').length === cpus,
+        60_000,
+      );
+      await body(m);
+      await m.machine.lifecycle.vmShutdown();
+    },
+  );
+}
+
+for (const cpus of [1, 2, 4]) {
+  test(`probe OS with ${cpus} vCPU(s) and 512 MiB: every CPU uses kvmclock and ticks`, async (t) => {
+    if (!requireKvm(t)) return;
+    await bootProbeOs(cpus, 'probe.tick_ms=20', async ({ output }) => {
+      for (const r of events(output(), 'ready')) assert.equal(r.fields.clock, 'kvmclock');
+      await waitFor('3 ticks on every CPU', () =>
+        Array.from(
+          { length: cpus },
+          (_, c) => events(output(), 'tick').filter((e) => e.cpu === c).length,
+        ).every((n) => n >= 3),
+      );
+      assert.deepEqual(events(output(), 'backwards'), []);
+      assert.deepEqual(events(output(), 'exception'), []);
+    });
+  });
+}
+
+test('the watchdog fires when the host stalls the vCPUs without telling the guest', async (t) => {
+  if (!requireKvm(t)) return;
+  await bootProbeOs(2, 'probe.tick_ms=20 probe.watchdog_ms=300', async ({ machine, output }) => {
+    // Paused behind the lifecycle's back: kvmclock keeps running and no KVMCLOCK_CTRL.
+    await machine.vcpus.pauseAll();
+    await new Promise((r) => setTimeout(r, 1000));
+    await machine.vcpus.resumeAll();
+    await waitFor('a softlockup report', () => events(output(), 'softlockup').length > 0, 10_000);
+    assert.ok(Number(events(output(), 'softlockup')[0]!.fields.gap_ms) >= 300);
+    assert.deepEqual(events(output(), 'forgiven'), []);
+  });
+});
+
+test('the watchdog forgives the stall when the guest was told (KVMCLOCK_CTRL)', async (t) => {
+  if (!requireKvm(t)) return;
+  await bootProbeOs(2, 'probe.tick_ms=20 probe.watchdog_ms=300', async ({ machine, output }) => {
+    await machine.vcpus.pauseAll();
+    await new Promise((r) => setTimeout(r, 1000));
+    for (let cpu = 0; cpu < 2; cpu++) await machine.vcpus.runOnCpu(cpu, 'kvmclock_ctrl');
+    await machine.vcpus.resumeAll();
+    await waitFor(
+      'both CPUs forgiven',
+      () => new Set(events(output(), 'forgiven').map((e) => e.cpu)).size === 2,
+      10_000,
+    );
+    assert.deepEqual(events(output(), 'softlockup'), []);
+  });
+});
+
+test('serial input reaches the probe OS: `sum` and `clock` are answered', async (t) => {
+  if (!requireKvm(t)) return;
+  await bootProbeOs(2, 'probe.dirty_mb=8', async ({ machine, output }) => {
+    machine.serial.receive(Buffer.from('sum\r'));
+    await waitFor(
+      'the memory sum',
+      () => /^probe mem sum=[0-9a-f]{16}\r?$/m.test(output()),
+      10_000,
+    );
+    machine.serial.receive(Buffer.from('clock\r'));
+    await waitFor(
+      'clock on both CPUs',
+      () => new Set(events(output(), 'clock').map((e) => e.cpu)).size === 2,
+      10_000,
+    );
+  });
+});
