@@ -357,11 +357,11 @@ static void print_ns(int n, const char *event, u64 ns)
 	l_emit(&l);
 }
 
-static u64 checked_now(int n)
+/* The clock now, reporting (and not keeping) a reading that went backwards. */
+static u64 checked_now(int n, u8 *flags)
 {
 	struct cpu *c = &cpus[n];
-	u8 flags;
-	u64 now = clock_read(c, &flags);
+	u64 now = clock_read(c, flags);
 	if (now < c->last_ns) {
 		struct line l;
 		l_init(&l, n, "backwards");
@@ -378,16 +378,7 @@ static void do_tick(int n)
 {
 	struct cpu *c = &cpus[n];
 	u8 flags;
-	u64 now = clock_read(c, &flags);
-	if (now < c->last_ns) {
-		struct line l;
-		l_init(&l, n, "backwards");
-		l_kv(&l, "prev", c->last_ns);
-		l_kv(&l, "now", now);
-		l_emit(&l);
-	} else {
-		c->last_ns = now;
-	}
+	u64 now = checked_now(n, &flags);
 	u64 gap = now > c->last_tick_ns ? now - c->last_tick_ns : 0;
 	u64 limit = opt.watchdog_ms * NS_PER_MS;
 	if (flags & PVCLOCK_GUEST_STOPPED) {
@@ -553,7 +544,8 @@ static void answer_clock(int n)
 {
 	struct cpu *c = &cpus[n];
 	c->clock_seen = clock_request;
-	u64 ns = checked_now(n);
+	u8 flags;
+	u64 ns = checked_now(n, &flags);
 	u64 tsc = rdtsc();
 	struct line l;
 	l_init(&l, n, "clock");
