@@ -1,0 +1,51 @@
+/**
+ * `-monitor stdio` driven through a pseudo-terminal, as a person types
+ * into it. Python's pty module gives the terminal (it is on every machine
+ * we run on); tsvmm sees a TTY on stdin and stdout.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { requireKvm } from '../test-support/kvm.js';
+import { waitFor } from '../test-support/machine.js';
+
+const MAIN = fileURLToPath(new URL('./main.js', import.meta.url));
+const PTY_SPAWN = 'import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)';
+
+test('the human monitor on a terminal: info status, cont, stop, quit', async (t) => {
+  if (!requireKvm(t)) return;
+  const child = spawn(
+    'python3',
+    ['-c', PTY_SPAWN, process.execPath, MAIN, '-S', '-monitor', 'stdio', '-serial', 'none'],
+    { stdio: ['pipe', 'pipe', 'pipe'] },
+  );
+  t.after(() => {
+    if (child.exitCode === null && child.pid !== undefined) child.kill('SIGKILL');
+  });
+  let screen = '';
+  child.stdout.on('data', (d: Buffer) => {
+    screen += d.toString('utf8');
+  });
+  const exited = new Promise<number | null>((resolve) =>
+    child.once('exit', (code) => resolve(code)),
+  );
+  const type = async (line: string, expect: RegExp) => {
+    const from = screen.length;
+    child.stdin.write(`${line}\r`);
+    await waitFor(
+      `${JSON.stringify(line)} to answer ${expect}`,
+      () => expect.test(screen.slice(from)),
+      15_000,
+    );
+  };
+
+  await waitFor('the prompt', () => screen.includes('(qemu) '), 20_000);
+  await type('info status', /VM status: paused \(prelaunch\)/);
+  await type('cont', /\(qemu\) /);
+  await type('info status', /VM status: running/);
+  await type('stop', /\(qemu\) /);
+  await type('info status', /VM status: paused/);
+  child.stdin.write('quit\r');
+  assert.equal(await exited, 0);
+});
