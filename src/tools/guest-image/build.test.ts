@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type TestContext, test } from 'node:test';
+import { gzipSync } from 'node:zlib';
 import { buildGuestImage, type GuestManifest, MANIFEST_FORMAT, sha256 } from './build.js';
 import {
   kernelDependency,
@@ -13,6 +14,7 @@ import {
 } from './debian.js';
 import { GuestImageError } from './errors.js';
 import { BUSYBOX_APPLETS, INIT_SCRIPT } from './initramfs.js';
+import { makeBzImage, makeElfKernel } from './test-fixtures.js';
 
 /** `apt-cache show --no-all-versions linux-image-cloud-amd64` on Debian 12, as recorded. */
 const APT_CACHE_META = `Package: linux-image-cloud-amd64
@@ -79,6 +81,7 @@ function fakeCache(
       binarySha256: sha256(busybox),
     },
     initramfsSha256: '',
+    vmlinuxSha256: null,
     scriptSha256: null,
   };
   writeFileSync(join(dir, 'manifest.json'), JSON.stringify(manifest));
@@ -133,6 +136,71 @@ test('a complete cache is used, and the initramfs rebuilt, when apt is missing',
   assert.deepEqual(manifest.kernel, cached.kernel);
   assert.equal(manifest.initramfsSha256, sha256(initramfs));
   assert.equal(manifest.scriptSha256, sha256(script));
+});
+
+/**
+ * Puts vmlinuz in the cache and records its sha256 in the manifest there,
+ * without vmlinuxSha256, as a manifest written before vmlinux existed.
+ */
+function replaceCachedKernel(dir: string, vmlinuz: Buffer): void {
+  const manifestPath = join(dir, 'manifest.json');
+  const { vmlinuxSha256: _, ...manifest } = JSON.parse(
+    readFileSync(manifestPath, 'utf8'),
+  ) as GuestManifest;
+  writeFileSync(join(dir, 'vmlinuz'), vmlinuz);
+  manifest.kernel.vmlinuzSha256 = sha256(vmlinuz);
+  writeFileSync(manifestPath, JSON.stringify(manifest));
+}
+
+test('vmlinux is extracted from vmlinuz once, again when either changes, and left out when it cannot be', async (t) => {
+  const dir = tempDir(t);
+  fakeCache(dir);
+  const elf = makeElfKernel();
+  replaceCachedKernel(dir, makeBzImage(gzipSync(elf)));
+  const vmlinuxPath = join(dir, 'vmlinux');
+  const build = async () => {
+    const lines: string[] = [];
+    const result = await withoutApt(t, () =>
+      buildGuestImage({ outDir: dir, log: (l) => lines.push(l) }),
+    );
+    return { result, log: lines.join('\n') };
+  };
+
+  const first = await build();
+  assert.match(first.log, /extracted vmlinux \(\d+ bytes\)/);
+  assert.equal(first.result.vmlinux, vmlinuxPath);
+  assert.equal(first.result.vmlinuxBytes, elf.length);
+  assert.ok(readFileSync(vmlinuxPath).equals(elf));
+  assert.equal(first.result.manifest.vmlinuxSha256, sha256(elf));
+  const onDisk = JSON.parse(readFileSync(join(dir, 'manifest.json'), 'utf8')) as GuestManifest;
+  assert.equal(onDisk.vmlinuxSha256, sha256(elf));
+
+  const second = await build();
+  assert.doesNotMatch(second.log, /extracted vmlinux/, 'an intact vmlinux is kept');
+  assert.equal(second.result.manifest.vmlinuxSha256, sha256(elf));
+
+  writeFileSync(vmlinuxPath, 'damaged');
+  const third = await build();
+  assert.match(third.log, /extracted vmlinux/, 'a damaged vmlinux is written again');
+  assert.ok(readFileSync(vmlinuxPath).equals(elf));
+
+  const otherElf = makeElfKernel(Buffer.from('another kernel'));
+  replaceCachedKernel(dir, makeBzImage(gzipSync(otherElf)));
+  const fourth = await build();
+  assert.match(
+    fourth.log,
+    /extracted vmlinux/,
+    'an old manifest and a new vmlinuz give a new vmlinux',
+  );
+  assert.ok(readFileSync(vmlinuxPath).equals(otherElf));
+
+  const xz = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 1, 2, 3]);
+  replaceCachedKernel(dir, makeBzImage(xz));
+  const fifth = await build();
+  assert.match(fifth.log, /no vmlinux, only the bzImage: .*payload is xz-compressed/);
+  assert.equal(fifth.result.vmlinux, null);
+  assert.equal(fifth.result.manifest.vmlinuxSha256, null);
+  assert.equal(existsSync(vmlinuxPath), false, 'the stale vmlinux is removed');
 });
 
 test('without apt and without a valid cache the build fails saying what is missing', async (t) => {
@@ -196,6 +264,10 @@ test('the whole build from Debian packages (TSVMM_TEST_GUEST_BUILD=1)', async (t
     'a bzImage with a boot protocol header',
   );
   assert.match(first.manifest.kernel.release, /^\d+\.\d+\.\d+-\d+-cloud-amd64$/);
+  assert.ok(first.vmlinux, 'vmlinux is extracted from the kernel');
+  const vmlinux = readFileSync(first.vmlinux);
+  assert.equal(vmlinux.toString('latin1', 0, 4), '\x7fELF');
+  assert.equal(first.manifest.vmlinuxSha256, sha256(vmlinux));
   // Every applet we link must exist in this busybox (it runs on the amd64 host).
   const list = spawnSync(join(dir, 'busybox'), ['--list'], { encoding: 'utf8' });
   assert.equal(list.status, 0, list.stderr);
@@ -211,4 +283,5 @@ test('the whole build from Debian packages (TSVMM_TEST_GUEST_BUILD=1)', async (t
     first.manifest.initramfsSha256,
     'reproducible initramfs',
   );
+  assert.equal(second.manifest.vmlinuxSha256, first.manifest.vmlinuxSha256);
 });

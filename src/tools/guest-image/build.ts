@@ -4,6 +4,11 @@
  *
  * The folder holds:
  *   vmlinuz         the kernel (bzImage) from boot/vmlinuz-<release>
+ *   vmlinux         the uncompressed ELF kernel taken out of vmlinuz's
+ *                   payload (extract-vmlinux.ts); booting it skips the
+ *                   in-guest decompressor, which is slow under PVM. Left
+ *                   out, with a log line, when the payload's compression
+ *                   is one we do not decode
  *   initramfs.cpio  newc archive from initramfs.ts
  *   busybox         the static busybox, kept so the initramfs can be
  *                   rebuilt (for another --script) without a download
@@ -11,7 +16,8 @@
  *
  * The downloads are skipped when the manifest already names the candidate
  * versions apt offers and the cached files still have their recorded
- * sha256s. The initramfs is written every time; it is reproducible.
+ * sha256s. The initramfs is written every time; it is reproducible. vmlinux
+ * is extracted again only when it or vmlinuz differ from the manifest.
  */
 import { createHash } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
@@ -24,7 +30,8 @@ import {
   packageInfo,
   resolveKernelPackage,
 } from './debian.js';
-import { GuestImageError } from './errors.js';
+import { GuestImageError, VmlinuxError } from './errors.js';
+import { extractVmlinux } from './extract-vmlinux.js';
 import { buildInitramfs } from './initramfs.js';
 
 /** The kernel metapackage used unless another is named. */
@@ -47,6 +54,11 @@ export interface GuestManifest {
   kernel: ManifestPackage & { release: string; vmlinuzSha256: string };
   busybox: ManifestPackage & { binarySha256: string };
   initramfsSha256: string;
+  /**
+   * sha256 of vmlinux, the ELF extracted from vmlinuz; null when it could
+   * not be extracted. Manifests written before vmlinux existed lack it.
+   */
+  vmlinuxSha256: string | null;
   /** sha256 of the /script built in, or null for the interactive shell. */
   scriptSha256: string | null;
 }
@@ -67,11 +79,14 @@ export interface GuestBuildOptions {
 export interface GuestBuildResult {
   vmlinuz: string;
   initramfs: string;
+  /** The extracted ELF kernel, or null when vmlinuz's payload could not be decoded. */
+  vmlinux: string | null;
   manifest: GuestManifest;
   /** False when the cache already held the same package versions. */
   downloaded: boolean;
   vmlinuzBytes: number;
   initramfsBytes: number;
+  vmlinuxBytes: number;
 }
 
 /** sha256 of bytes, as lowercase hex. */
@@ -93,6 +108,7 @@ export async function buildGuestImage(options: GuestBuildOptions): Promise<Guest
   const vmlinuzPath = join(outDir, 'vmlinuz');
   const busyboxPath = join(outDir, 'busybox');
   const initramfsPath = join(outDir, 'initramfs.cpio');
+  const vmlinuxPath = join(outDir, 'vmlinux');
   const manifestPath = join(outDir, 'manifest.json');
 
   const cached = await readValidCache(manifestPath, vmlinuzPath, busyboxPath);
@@ -136,23 +152,62 @@ export async function buildGuestImage(options: GuestBuildOptions): Promise<Guest
     options.script ? { busybox, script: options.script } : { busybox },
   );
   await writeAtomic(initramfsPath, initramfs);
+  const vmlinuz = await readFile(vmlinuzPath);
+  const vmlinux = await refreshVmlinux(vmlinuxPath, vmlinuz, cached?.manifest, log);
   const manifest: GuestManifest = {
     format: MANIFEST_FORMAT,
     kernel: kernelPart,
     busybox: busyboxPart,
     initramfsSha256: sha256(initramfs),
+    vmlinuxSha256: vmlinux?.sha256 ?? null,
     scriptSha256: options.script ? sha256(options.script) : null,
   };
   await writeAtomic(manifestPath, Buffer.from(`${JSON.stringify(manifest, null, 2)}\n`));
-  const vmlinuzBytes = (await readFile(vmlinuzPath)).byteLength;
   return {
     vmlinuz: vmlinuzPath,
     initramfs: initramfsPath,
+    vmlinux: vmlinux ? vmlinuxPath : null,
     manifest,
     downloaded,
-    vmlinuzBytes,
+    vmlinuzBytes: vmlinuz.byteLength,
     initramfsBytes: initramfs.byteLength,
+    vmlinuxBytes: vmlinux?.bytes ?? 0,
   };
+}
+
+/**
+ * Writes the ELF kernel extracted from vmlinuz to path, unless the previous
+ * manifest shows the file already holds it. Returns null, logs why and
+ * removes any stale file when the payload cannot be extracted.
+ */
+async function refreshVmlinux(
+  path: string,
+  vmlinuz: Uint8Array,
+  previous: GuestManifest | undefined,
+  log: (line: string) => void,
+): Promise<{ sha256: string; bytes: number } | null> {
+  const recorded = previous?.vmlinuxSha256;
+  if (recorded && previous.kernel.vmlinuzSha256 === sha256(vmlinuz)) {
+    const existing = await readFile(path).catch(() => undefined);
+    if (existing && sha256(existing) === recorded) {
+      return { sha256: recorded, bytes: existing.byteLength };
+    }
+  }
+  let vmlinux: Uint8Array;
+  const started = performance.now();
+  try {
+    vmlinux = extractVmlinux(vmlinuz);
+  } catch (e) {
+    if (!(e instanceof VmlinuxError)) throw e;
+    log(`no vmlinux, only the bzImage: ${e.message}`);
+    await rm(path, { force: true });
+    return null;
+  }
+  log(
+    `extracted vmlinux (${vmlinux.byteLength} bytes) in ${((performance.now() - started) / 1000).toFixed(1)} s`,
+  );
+  await writeAtomic(path, vmlinux);
+  return { sha256: sha256(vmlinux), bytes: vmlinux.byteLength };
 }
 
 function sameVersions(

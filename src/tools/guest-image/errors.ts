@@ -15,3 +15,19 @@ export class CpioError extends TsvmmError {}
  * GUEST_IMAGE_NO_PACKAGE, GUEST_IMAGE_BAD_PACKAGE, GUEST_IMAGE_USAGE.
  */
 export class GuestImageError extends TsvmmError {}
+
+/**
+ * LZ4 data that cannot be decoded: a wrong magic number, input that ends
+ * early, or a block whose sequences point outside what it has written.
+ * Codes: LZ4_BAD_MAGIC, LZ4_TRUNCATED, LZ4_CORRUPT.
+ */
+export class Lz4Error extends TsvmmError {}
+
+/**
+ * The uncompressed vmlinux cannot be taken out of a bzImage: the file is no
+ * bzImage, its payload uses a compression we do not decode, or the payload
+ * does not decompress to an ELF64 x86-64 kernel.
+ * Codes: VMLINUX_NOT_BZIMAGE, VMLINUX_UNSUPPORTED_COMPRESSION,
+ * VMLINUX_CORRUPT_PAYLOAD, VMLINUX_NOT_ELF.
+ */
+export class VmlinuxError extends TsvmmError {}

@@ -12,7 +12,7 @@ export const BUILD_GUEST_USAGE = `usage: node scripts/build-guest.mjs [--out DIR
 
 Builds a Linux test guest from Debian's packages: the cloud kernel
 (linux-image-cloud-amd64) and an initramfs around busybox-static.
-  --out DIR      where to put vmlinuz, initramfs.cpio and manifest.json
+  --out DIR      where to put vmlinuz, vmlinux, initramfs.cpio and manifest.json
                  (default $TSVMM_GUEST_CACHE, else ~/.cache/tsvmm/guest)
   --script FILE  a shell script the guest runs at boot instead of a shell;
                  then it powers off, or reboots if the kernel command line
@@ -86,6 +86,9 @@ export async function main(
     out(`busybox    ${result.manifest.busybox.name} ${result.manifest.busybox.version}`);
     out(`vmlinuz    ${result.vmlinuz} (${result.vmlinuzBytes} bytes)`);
     out(`initramfs  ${result.initramfs} (${result.initramfsBytes} bytes)`);
+    out(
+      `vmlinux    ${result.vmlinux ? `${result.vmlinux} (${result.vmlinuxBytes} bytes, ELF)` : 'none'}`,
+    );
     out(`${result.downloaded ? 'downloaded' : 'from cache'} in ${seconds} s`);
     out(
       `boot it:   npx tsvmm -smp 2 -m 512M -nographic -kernel ${result.vmlinuz} -initrd ${result.initramfs} -append 'console=ttyS0'`,
