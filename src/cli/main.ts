@@ -10,6 +10,7 @@ import { parseKernelImage } from '../hw/i386/boot/kernel-image.js';
 import type { GuestBoot } from '../hw/i386/guest-boot.js';
 import { X86Machine } from '../hw/i386/machine.js';
 import { x86MigrationHost } from '../hw/i386/machine-migration-host.js';
+import { kvmDirtyLog } from '../migration/kvm-dirty-log.js';
 import { MachineMigration } from '../migration/machine-migration.js';
 import { registerStandardCommands } from '../monitor/commands.js';
 import { HmpMonitor } from '../monitor/hmp.js';
@@ -119,6 +120,8 @@ async function run(config: VmConfig): Promise<number> {
         scheduleBottomHalf: (name, fn) => loop!.newBottomHalf(name, fn).schedule(),
         emitEvent: (e) => server.broadcast(e.event, { ...e.data }),
         autostart: () => vm.autostart,
+        // Precopy: RAM goes out while the guest runs, then only what it dirtied.
+        dirtyLog: kvmDirtyLog(machine.vm, machine.memory),
       }),
       {
         onIncomingFailed: () => {

@@ -25,9 +25,11 @@ import { RecordingCpus } from '../system/recording-cpus.js';
 import { type RunState, RunStateMachine } from '../system/runstate.js';
 import { captureTrace } from '../trace/capture.js';
 import {
+  type DirtyLog,
   MachineMigration,
   type MigrationHost,
   PROCESS_INCOMING_MIGRATION_BH,
+  type ProgressStream,
 } from './machine-migration.js';
 import { createBufferRam, PAGE_SIZE } from './ram.js';
 import type { MigrationEvent } from './state.js';
@@ -120,6 +122,10 @@ interface HarnessOptions {
   autostart?: boolean;
   pages?: number;
   seed?: boolean;
+  /** A dirty log: precopy passes while the VM runs. */
+  dirtyLog?: DirtyLog;
+  /** Where the progress line goes (none by default). */
+  progress?: ProgressStream;
 }
 
 function harness(o: HarnessOptions = {}) {
@@ -214,10 +220,11 @@ function harness(o: HarnessOptions = {}) {
     emitEvent: (e) => events.push(e),
     autostart: () => o.autostart ?? true,
     ramIsZeroed: !o.seed,
+    ...(o.dirtyLog ? { dirtyLog: o.dirtyLog } : {}),
   };
   const failures: Error[] = [];
   const migration = new MachineMigration(host, {
-    progress: null,
+    progress: o.progress ?? null,
     log: () => {},
     onIncomingFailed: (e) => failures.push(e),
   });
@@ -425,5 +432,150 @@ describe('MachineMigration (recording vCPU double)', () => {
     assert.deepEqual(src.migration.queryParameters(), { 'downtime-limit': 50, 'max-bandwidth': 0 });
     await assert.rejects(src.migration.migrateIncoming(`file:${join(dir, 'x')}`), /-incoming/);
     assert.ok(!existsSync(join(dir, 'x')));
+  });
+});
+
+/**
+ * A guest double for precopy: while the VM runs it rewrites a few pages of
+ * buffer RAM every millisecond (some to all zero, so a page sent non-zero
+ * must later be sent as a zero page), and logs them as KVM's dirty log
+ * would: sync() returns the pages written since start() or the last sync.
+ */
+class WritingGuest implements DirtyLog {
+  private readonly dirty = new Set<number>();
+  private logging = false;
+  private timer: NodeJS.Timeout | undefined;
+  private counter = 0;
+  syncs = 0;
+  written = 0;
+
+  start(): void {
+    this.logging = true;
+    this.dirty.clear();
+  }
+
+  sync(): { block: string; pages: number[] }[] {
+    this.syncs++;
+    const pages = [...this.dirty].sort((a, b) => a - b);
+    this.dirty.clear();
+    return pages.length > 0 ? [{ block: 'pc.ram', pages }] : [];
+  }
+
+  stop(): void {
+    this.logging = false;
+  }
+
+  run(mem: Uint8Array, running: () => boolean): void {
+    const pages = mem.length / PAGE_SIZE;
+    this.timer = setInterval(() => {
+      if (!running()) return;
+      for (let k = 0; k < 3; k++) {
+        const n = ++this.counter;
+        const page = (n * 7919) % pages;
+        const value = n % 3 === 0 ? 0 : (n & 0xff) | 1;
+        mem.fill(value, page * PAGE_SIZE, (page + 1) * PAGE_SIZE);
+        this.written++;
+        if (this.logging) this.dirty.add(page);
+      }
+    }, 1);
+  }
+
+  end(): void {
+    clearInterval(this.timer);
+  }
+}
+
+describe('MachineMigration precopy with a dirty log (recording vCPU double)', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'tsvmm-precopy-'));
+  });
+  afterEach(() => {
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function migrateLive(params: { 'downtime-limit': number; 'max-bandwidth': number }) {
+    const guest = new WritingGuest();
+    const src = harness({ seed: true, pages: 512, dirtyLog: guest });
+    const dst = harness({ pages: 512 });
+    const mem = src.ram.memory.get('pc.ram')!;
+    await src.lifecycle.vmStart();
+    guest.run(mem, () => src.lifecycle.runstate.current === 'running');
+    try {
+      const sock = join(dir, 'mig.sock');
+      await dst.migration.startIncoming(`unix:${sock}`);
+      src.migration.setParameters(params);
+      await src.migration.migrate(`unix:${sock}`);
+      await src.migration.whenIdle();
+      await until('the destination to complete', () => dst.migration.status === 'completed');
+    } finally {
+      guest.end();
+    }
+    return { guest, src, dst, mem };
+  }
+
+  test('RAM goes out while the guest writes; what it dirtied goes after the stop; the copy is exact', async () => {
+    // 2 MiB at 4 MiB/s: the first pass takes about half a second of guest writes.
+    const { guest, src, dst, mem } = await migrateLive({
+      'downtime-limit': 300,
+      'max-bandwidth': 4 << 20,
+    });
+    assert.equal(src.migration.status, 'completed', JSON.stringify(src.migration.queryMigrate()));
+    assert.equal(src.lifecycle.runstate.current, 'postmigrate');
+    const st = statuses(src.events);
+    assert.deepEqual(st.slice(0, 3), ['setup', 'active', 'pass 1']);
+    assert.equal(st.at(-1), 'completed');
+    assert.ok(guest.written > 50, `the guest wrote while RAM went out (${guest.written} pages)`);
+    // One sync after each pass, and one after the stop.
+    assert.equal(guest.syncs, st.filter((s) => s.startsWith('pass')).length + 1);
+    assert.ok(Buffer.from(dst.ram.memory.get('pc.ram')!).equals(Buffer.from(mem)), 'RAM equal');
+    assert.equal(dst.lifecycle.runstate.current, 'running');
+  });
+
+  test('a downtime limit of 0 never fits while the guest writes: 30 passes, then completion; still exact', async () => {
+    const { src, dst, mem } = await migrateLive({ 'downtime-limit': 0, 'max-bandwidth': 0 });
+    assert.equal(src.migration.status, 'completed');
+    const passes = statuses(src.events).filter((s) => s.startsWith('pass'));
+    assert.ok(passes.length >= 2 && passes.length <= 30, `passes: ${passes.join(', ')}`);
+    assert.ok(Buffer.from(dst.ram.memory.get('pc.ram')!).equals(Buffer.from(mem)), 'RAM equal');
+  });
+
+  test('a long save shows one self-overwriting progress line on a terminal, then a newline', async () => {
+    const guest = new WritingGuest();
+    const out: string[] = [];
+    const tty: ProgressStream = { isTTY: true, write: (s: string) => out.push(s) };
+    const src = harness({ seed: true, pages: 512, dirtyLog: guest, progress: tty });
+    await src.lifecycle.vmStart();
+    // 2 MiB of RAM at 1 MiB/s: about two seconds, more than the one before the line shows.
+    src.migration.setParameters({ 'max-bandwidth': 1 << 20 });
+    await src.migration.migrate(`file:${join(dir, 'vm.state')}`);
+    await src.migration.whenIdle();
+    assert.equal(src.migration.status, 'completed');
+    const lines = out.filter((s) => s.startsWith('\rmigration: '));
+    assert.ok(lines.length >= 2, `progress lines: ${JSON.stringify(out)}`);
+    for (const l of lines) {
+      assert.ok(l.endsWith('\u001b[K'), 'each line clears the rest of the terminal line');
+      assert.match(
+        l.slice(0, -3),
+        /^\rmigration: \d+ of \d+ MiB of RAM \(\d+%\), \d+ MiB written, \d+ MiB\/s$/,
+      );
+    }
+    assert.equal(out.at(-1), '\n', 'the line is ended once the save is over');
+    assert.equal(out.filter((s) => s === '\n').length, 1);
+
+    // Not a terminal: nothing is written.
+    const quiet: string[] = [];
+    const pipe = harness({
+      seed: true,
+      pages: 512,
+      dirtyLog: new WritingGuest(),
+      progress: { isTTY: false, write: (s: string) => quiet.push(s) },
+    });
+    await pipe.lifecycle.vmStart();
+    pipe.migration.setParameters({ 'max-bandwidth': 1 << 20 });
+    await pipe.migration.migrate(`file:${join(dir, 'vm2.state')}`);
+    await pipe.migration.whenIdle();
+    assert.equal(pipe.migration.status, 'completed');
+    assert.deepEqual(quiet, []);
   });
 });
