@@ -26,8 +26,7 @@ export const MSR_KVM_WALL_CLOCK_NEW = 0x4b564d00;
  * each with the field name it has in the migration stream. Fixed, so both
  * ends agree on the stream's layout; at most 64 (a presence bit each).
  * Left out on purpose: feature MSRs the CPUID model decides (tsvmm has one
- * model), and the optional KVM PV MSRs (async PF, steal time, PV EOI),
- * which the probe guest does not enable.
+ * model). MSRs this host's KVM cannot read are skipped (readMsrs).
  */
 export const CPU_MSRS: readonly { readonly index: number; readonly name: string }[] = [
   { index: MSR_IA32_TSC, name: 'tsc' },
@@ -60,6 +59,14 @@ export const CPU_MSRS: readonly { readonly index: number; readonly name: string 
   { index: MSR_KVM_WALL_CLOCK_NEW, name: 'kvm_wall_clock' },
   { index: MSR_KVM_SYSTEM_TIME_NEW, name: 'kvm_system_time' },
   { index: MSR_IA32_TSC_DEADLINE, name: 'tsc_deadline' },
+  // KVM's other paravirtual MSRs, which a Linux guest enables when CPUID
+  // offers them (hw/i386/cpuid.ts passes them through). The async-PF
+  // interrupt vector goes before async-PF enable: KVM wants it set first.
+  { index: 0x4b564d06, name: 'kvm_async_pf_int' },
+  { index: 0x4b564d02, name: 'kvm_async_pf_en' },
+  { index: 0x4b564d03, name: 'kvm_steal_time' },
+  { index: 0x4b564d04, name: 'kvm_pv_eoi_en' },
+  { index: 0x4b564d05, name: 'kvm_poll_control' },
 ];
 
 /**
