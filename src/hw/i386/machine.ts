@@ -4,7 +4,7 @@
  * that ties them together. This is what `tsvmm` builds from its options.
  */
 
-import { KVM_CAP, KVM_CLOCK_TSC_STABLE } from '../../accel/kvm/ioctls.js';
+import { kvmHostCapabilities } from '../../accel/kvm/capabilities.js';
 import { GuestMemory } from '../../accel/kvm/memory/guest-memory.js';
 import { Kvm } from '../../accel/kvm/system.js';
 import { type GuestRequest, VcpuThreads } from '../../accel/kvm/vcpu-threads.js';
@@ -102,13 +102,13 @@ export class X86Machine {
       // Every vCPU gets the host's CPUID with its own APIC id and the KVM
       // paravirtual leaves (so a guest finds kvm-clock), and a PC's boot state.
       const supported = kvm.getSupportedCpuid();
-      const tscDeadlineTimer = kvm.checkExtension(KVM_CAP.TSC_DEADLINE_TIMER) > 0;
+      const caps = kvmHostCapabilities(kvm);
       let leaf1 = { eax: 0, edx: 0 };
       for (let cpu = 0; cpu < options.cpus; cpu++) {
         const cpuid = buildGuestCpuid(supported, {
           cpuIndex: cpu,
           cpuCount: options.cpus,
-          tscDeadlineTimer,
+          tscDeadlineTimer: caps.tscDeadlineTimer,
         });
         leaf1 = cpuid.find((e) => e.function === 1) ?? leaf1;
         await vcpus.runOnCpu(cpu, 'set_cpuid', cpuid);
@@ -136,13 +136,12 @@ export class X86Machine {
         await loadGuest();
         for (let cpu = 0; cpu < options.cpus; cpu++) await vcpus.runOnCpu(cpu, 'unpark');
       });
-      const adjust = kvm.checkExtension(KVM_CAP.ADJUST_CLOCK);
       const kvmclock = new KvmClockDevice(
         {
           getClock: () => vm.getClock(),
           setClock: (clock) => vm.setClock({ clock }),
-          hasKvmclockCtrl: kvm.checkExtension(KVM_CAP.KVMCLOCK_CTRL) > 0,
-          clockIsReliableFromHost: (adjust & KVM_CLOCK_TSC_STABLE) !== 0,
+          hasKvmclockCtrl: caps.kvmclockCtrl,
+          clockIsReliableFromHost: caps.clockTscStable,
           readGuestPvclockNs: () => readGuestKvmclock(vcpus, memory),
         },
         vcpus,
