@@ -54,10 +54,22 @@ export function guestMemoryRam(memory: GuestRam): RamAccessor {
       done += n;
     }
   };
+  // The piece holding [offset, offset + len) whole, if one does: the hot
+  // path (a page or a run of pages) needs no walk.
+  const within = (offset: number, len: number): Piece | undefined => {
+    for (const p of pieces) {
+      if (offset >= p.start && offset + len <= p.start + p.size && offset >= 0 && len >= 0) {
+        return p;
+      }
+    }
+    return undefined;
+  };
   const block: RamBlock = {
     id: PC_RAM_BLOCK,
     size: total,
     read(offset, len) {
+      const one = within(offset, len);
+      if (one) return memory.view(one.gpa + (offset - one.start), len);
       const parts: [number, number, number][] = [];
       walk(offset, len, (gpa, at, n) => parts.push([gpa, at, n]));
       if (parts.length === 1) return memory.view(parts[0]![0], len);
@@ -66,6 +78,11 @@ export function guestMemoryRam(memory: GuestRam): RamAccessor {
       return out;
     },
     write(offset, bytes) {
+      const one = within(offset, bytes.length);
+      if (one) {
+        memory.write(one.gpa + (offset - one.start), bytes);
+        return;
+      }
       walk(offset, bytes.length, (gpa, at, n) => memory.write(gpa, bytes.subarray(at, at + n)));
     },
   };

@@ -29,8 +29,11 @@ const CHUNK = 1 << 20;
 /**
  * The buffered, big-endian writing side of a stream (QEMU's QEMUFile for
  * output). Puts are synchronous into a 1 MiB chunk; full chunks queue up and
- * `flushIfNeeded()` hands them to the sink. It keeps a running CRC-32 over
- * every byte so that integrity records cost one pass over the data.
+ * `flushIfNeeded()` hands them to the sink. One write is in flight while
+ * the next chunk fills: `flushIfNeeded()` starts a write without waiting
+ * and returns a promise only when a full chunk waits behind a write still
+ * in flight (the back-pressure). It keeps a running CRC-32 over every byte
+ * so that integrity records cost one pass over the data.
  */
 export class StreamWriter {
   private buf: Uint8Array;
@@ -43,7 +46,12 @@ export class StreamWriter {
   // Chunks the sink is done with. Reusing them matters: first-touch page
   // faults on fresh 1 MiB buffers cost more than the copies themselves.
   private readonly spare: Uint8Array[] = [];
+  /** Bytes sealed but not yet accepted by the sink (queued or in flight). */
   private queuedBytes = 0;
+  /** The sink write under way, if any; it never rejects (see `failure`). */
+  private inflight: Promise<void> | undefined;
+  private failed = false;
+  private failure: unknown;
   private readonly startedAt = performance.now();
 
   constructor(
@@ -114,13 +122,24 @@ export class StreamWriter {
   }
 
   bytes(b: Uint8Array): void {
-    let off = 0;
-    while (off < b.length) {
-      this.room(1);
-      const n = Math.min(b.length - off, this.buf.length - this.pos);
-      this.buf.set(b.subarray(off, off + n), this.pos);
+    this.bytesFrom(b, 0, b.length);
+  }
+
+  /** Bytes `start` to `end` of `b`, without a view of them on the fast path. */
+  bytesFrom(b: Uint8Array, start: number, end: number): void {
+    const n = end - start;
+    if (this.buf.length - this.pos >= n) {
+      this.buf.set(start === 0 && end === b.length ? b : b.subarray(start, end), this.pos);
       this.pos += n;
-      off += n;
+      return;
+    }
+    let off = start;
+    while (off < end) {
+      this.room(1);
+      const k = Math.min(end - off, this.buf.length - this.pos);
+      this.buf.set(b.subarray(off, off + k), this.pos);
+      this.pos += k;
+      off += k;
     }
   }
 
@@ -132,15 +151,39 @@ export class StreamWriter {
     this.bytes(b);
   }
 
-  /** Hands queued chunks to the sink once enough piled up; undefined if not. */
+  /**
+   * Starts writing a full chunk if none is being written; returns a promise
+   * (to await before putting more) only when one is in flight and another
+   * waits, or when an earlier write failed.
+   */
   flushIfNeeded(): Promise<void> | undefined {
-    return this.queuedBytes >= CHUNK ? this.drain() : undefined;
+    if (this.failed) return Promise.reject(this.failure);
+    if (this.queued.length === 0) return undefined;
+    if (this.inflight === undefined) {
+      this.startWrite();
+      return undefined;
+    }
+    return this.advance();
   }
 
   /** Writes everything put so far to the sink. */
   async flush(): Promise<void> {
     this.seal();
-    await this.drain();
+    await this.settleAll();
+  }
+
+  /**
+   * Waits until the sink has accepted every full chunk (the one being
+   * filled stays): the pace of the sink, as before writes overlapped, at
+   * the end of a pass over RAM.
+   */
+  async settleAll(): Promise<void> {
+    if (this.failed) throw this.failure;
+    for (;;) {
+      if (this.inflight) await this.settle();
+      if (this.queued.length === 0) return;
+      this.startWrite();
+    }
   }
 
   private room(n: number): void {
@@ -165,17 +208,35 @@ export class StreamWriter {
     this.hashed = 0;
   }
 
-  private async drain(): Promise<void> {
-    while (this.queued.length > 0) {
-      const chunk = this.queued.shift()!;
-      this.queuedBytes -= chunk.length;
-      await this.sink.write(chunk);
-      this.written += chunk.length;
-      if (chunk.buffer.byteLength === CHUNK && this.spare.length < 2) {
-        this.spare.push(new Uint8Array(chunk.buffer));
-      }
-      await this.throttle();
+  /** Waits for the write in flight, then starts the next queued one. */
+  private async advance(): Promise<void> {
+    await this.settle();
+    if (this.queued.length > 0) this.startWrite();
+  }
+
+  /** Waits for the write in flight; throws its error. */
+  private async settle(): Promise<void> {
+    await this.inflight;
+    this.inflight = undefined;
+    if (this.failed) throw this.failure;
+  }
+
+  private startWrite(): void {
+    const chunk = this.queued.shift()!;
+    this.inflight = this.writeChunk(chunk).catch((err: unknown) => {
+      this.failed = true;
+      this.failure = err;
+    });
+  }
+
+  private async writeChunk(chunk: Uint8Array): Promise<void> {
+    await this.sink.write(chunk);
+    this.queuedBytes -= chunk.length;
+    this.written += chunk.length;
+    if (chunk.buffer.byteLength === CHUNK && this.spare.length < 2) {
+      this.spare.push(new Uint8Array(chunk.buffer));
     }
+    await this.throttle();
   }
 
   private async throttle(): Promise<void> {
@@ -282,6 +343,13 @@ export class StreamReader {
     const lo = this.view.getUint32(this.pos + 4);
     this.pos += 8;
     return [hi, lo];
+  }
+
+  /** Copies the next n bytes into `dest` at `at` (need() them first). */
+  copyTo(dest: Uint8Array, at: number, n: number): void {
+    this.check(n);
+    dest.set(this.buf.subarray(this.pos, this.pos + n), at);
+    this.pos += n;
   }
 
   take(n: number): Uint8Array {

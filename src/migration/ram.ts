@@ -56,6 +56,21 @@ export function isZeroPage(page: Uint8Array): boolean {
   return ZERO_PAGE.equals(page);
 }
 
+/** Whether the page at byte `at` of `data` is all zeros, without a view of it. */
+export function isZeroPageAt(data: Uint8Array, at: number): boolean {
+  return ZERO_PAGE.compare(data, at, at + PAGE_SIZE) === 0;
+}
+
+const ZERO_RUN_PAGES = 256;
+const ZERO_RUN = Buffer.alloc(ZERO_RUN_PAGES * PAGE_SIZE);
+
+/** Whether `data` (a whole number of pages, at most 1 MiB) is all zeros: one memcmp. */
+export function isZeroRun(data: Uint8Array): boolean {
+  return (
+    data.length <= ZERO_RUN.length && ZERO_RUN.compare(data, 0, data.length, 0, data.length) === 0
+  );
+}
+
 /** Sum of the block sizes. */
 export function ramTotal(ram: RamAccessor): number {
   let n = 0;
@@ -113,7 +128,15 @@ export class RamPageWriter {
   }
 
   page(block: RamBlock, offset: number, data: Uint8Array): void {
-    const zero = isZeroPage(data);
+    this.pageAt(block, offset, data, 0, isZeroPage(data));
+  }
+
+  /**
+   * The page at byte `at` of `data` (a view of a run of pages), whose
+   * zeroness the caller has found: no view or copy of the page is made
+   * besides the one into the stream buffer.
+   */
+  pageAt(block: RamBlock, offset: number, data: Uint8Array, at: number, zero: boolean): void {
     let flags = zero ? RAM_SAVE_FLAG_ZERO : RAM_SAVE_FLAG_PAGE;
     if (block === this.lastBlock) flags |= RAM_SAVE_FLAG_CONTINUE;
     this.w.u64n(offset + flags);
@@ -125,7 +148,7 @@ export class RamPageWriter {
       this.w.u8(0);
       this.counters.zeroPages++;
     } else {
-      this.w.bytes(data);
+      this.w.bytesFrom(data, at, at + PAGE_SIZE);
       this.counters.normalPages++;
     }
   }
@@ -134,14 +157,6 @@ export class RamPageWriter {
 /** Ends a RAM section. */
 export function saveRamEos(w: StreamWriter): void {
   w.u64n(RAM_SAVE_FLAG_EOS);
-}
-
-/** A page decoded from the stream, written to RAM once its chunk is verified. */
-export interface StagedPage {
-  block: RamBlock;
-  offset: number;
-  /** undefined for a zero page. */
-  data: Uint8Array | undefined;
 }
 
 function malformed(r: StreamReader, what: string): MigrationStreamError {
@@ -157,31 +172,27 @@ export interface RamBlockEntry {
   size: number;
 }
 
-/** A RAM section decoded but not yet trusted: its pages and, at START, the block list. */
-export interface StagedRamSection {
-  pages: StagedPage[];
-  blockList: RamBlockEntry[] | undefined;
-}
-
 /**
- * Reads one RAM section's payload up to and including its EOS. Pages are
- * staged; the block list (START only) is returned for {@link checkRamShape}
- * once the section's checksum has been verified, so that damage is
+ * Reads one RAM section's payload up to and including its EOS into `stage`
+ * (reset first), which holds its pages until the section's checksum has
+ * been verified. The block list (START only) is returned for
+ * {@link checkRamShape} after that verification too, so that damage is
  * reported as damage and not as a different machine.
  */
 export async function loadRamSection(
   r: StreamReader,
   ram: RamAccessor,
   isStart: boolean,
-  arena: PageArena,
-): Promise<StagedRamSection> {
-  const pages: StagedPage[] = [];
+  stage: RamStage,
+): Promise<RamBlockEntry[] | undefined> {
+  stage.reset();
   let blockList: RamBlockEntry[] | undefined;
   let block: RamBlock | undefined;
   for (;;) {
     let p = r.need(8);
     if (p) await p;
-    const [hi, lo] = r.u64parts();
+    const hi = r.u32();
+    const lo = r.u32();
     const flags = lo & PAGE_MASK_LOW;
     const addr = hi * 0x1_0000_0000 + (lo - flags);
     if (flags & RAM_SAVE_FLAG_MEM_SIZE) {
@@ -191,7 +202,7 @@ export async function loadRamSection(
       blockList = await loadBlockList(r, addr);
       continue;
     }
-    if (flags === RAM_SAVE_FLAG_EOS) return { pages, blockList };
+    if (flags === RAM_SAVE_FLAG_EOS) return blockList;
     const kind = flags & ~RAM_SAVE_FLAG_CONTINUE;
     if (kind !== RAM_SAVE_FLAG_ZERO && kind !== RAM_SAVE_FLAG_PAGE) {
       throw malformed(
@@ -219,9 +230,11 @@ export async function loadRamSection(
       if (p) await p;
       const fill = r.u8();
       if (fill !== 0) throw malformed(r, `a zero page filled with 0x${fill.toString(16)}`);
-      pages.push({ block, offset: addr, data: undefined });
+      stage.zero(block, addr);
     } else {
-      pages.push({ block, offset: addr, data: arena.copy(await r.read(PAGE_SIZE)) });
+      p = r.need(PAGE_SIZE);
+      if (p) await p;
+      stage.page(block, addr, r);
     }
   }
 }
@@ -233,7 +246,8 @@ async function loadBlockList(r: StreamReader, total: number): Promise<RamBlockEn
     const id = await r.str8();
     const p = r.need(8);
     if (p) await p;
-    const [hi, lo] = r.u64parts();
+    const hi = r.u32();
+    const lo = r.u32();
     const size = hi * 0x1_0000_0000 + lo;
     if (size === 0 || size > left)
       throw malformed(r, `block '${id}' of ${size} bytes in the block list`);
@@ -280,29 +294,104 @@ export function checkRamShape(list: readonly RamBlockEntry[], ram: RamAccessor):
   }
 }
 
-const ARENA_BLOCK_PAGES = 256;
-
 /**
- * Reused memory for pages between their arrival and their chunk's
- * verification (the reader's own buffers are reused under them).
+ * The pages of one RAM section between their arrival and the verification
+ * of its checksum (the reader's own buffers are reused under them): their
+ * blocks and offsets, and the contents of the non-zero ones packed in one
+ * buffer that is reused from section to section (grown when a section has
+ * more pages than any before).
  */
-export class PageArena {
-  private readonly blocks: Uint8Array[] = [];
-  private used = 0;
+export class RamStage {
+  private blocks: RamBlock[] = [];
+  /** Offset in the block of each page, in stream order. */
+  private offsets = new Float64Array(1024);
+  /** Each page's index in `data`, or -1 for a zero page. */
+  private slots = new Int32Array(1024);
+  private data = new Uint8Array(0);
+  private count = 0;
+  /** Non-zero pages staged (QEMU's "normal"). */
+  normalPages = 0;
+  /** Zero pages staged (QEMU's "duplicate"). */
+  zeroPages = 0;
 
-  /** A copy of one page, valid until reset(). */
-  copy(page: Uint8Array): Uint8Array {
-    const b = Math.floor(this.used / ARENA_BLOCK_PAGES);
-    this.blocks[b] ??= new Uint8Array(ARENA_BLOCK_PAGES * PAGE_SIZE);
-    const at = (this.used % ARENA_BLOCK_PAGES) * PAGE_SIZE;
-    const view = this.blocks[b]!.subarray(at, at + PAGE_SIZE);
-    view.set(page);
-    this.used++;
-    return view;
+  /** Pages staged. */
+  get pages(): number {
+    return this.count;
   }
 
   reset(): void {
-    this.used = 0;
+    this.count = this.normalPages = this.zeroPages = 0;
+    this.blocks.length = 0;
+  }
+
+  zero(block: RamBlock, offset: number): void {
+    this.add(block, offset, -1);
+    this.zeroPages++;
+  }
+
+  /** A non-zero page: its PAGE_SIZE bytes are copied from the reader. */
+  page(block: RamBlock, offset: number, r: StreamReader): void {
+    const slot = this.normalPages;
+    const at = slot * PAGE_SIZE;
+    if (at + PAGE_SIZE > this.data.length) {
+      const grown = new Uint8Array(Math.max(256 * PAGE_SIZE, this.data.length * 2));
+      grown.set(this.data.subarray(0, at));
+      this.data = grown;
+    }
+    r.copyTo(this.data, at, PAGE_SIZE);
+    this.add(block, offset, slot);
+    this.normalPages++;
+  }
+
+  private add(block: RamBlock, offset: number, slot: number): void {
+    const i = this.count;
+    if (i === this.offsets.length) {
+      const offsets = new Float64Array(i * 2);
+      offsets.set(this.offsets);
+      this.offsets = offsets;
+      const slots = new Int32Array(i * 2);
+      slots.set(this.slots);
+      this.slots = slots;
+    }
+    this.blocks[i] = block;
+    this.offsets[i] = offset;
+    this.slots[i] = slot;
+    this.count = i + 1;
+  }
+
+  /**
+   * Calls `data(block, offset, bytes)` for each run of non-zero pages that
+   * follow each other in the stream and in the block (one call writes the
+   * run), and `zero(block, offset)` for each zero page, in stream order.
+   */
+  forEachRun(
+    data: (block: RamBlock, offset: number, bytes: Uint8Array, pages: number) => void,
+    zero: (block: RamBlock, offset: number) => void,
+  ): void {
+    const { blocks, offsets, slots, count } = this;
+    let i = 0;
+    while (i < count) {
+      const block = blocks[i]!;
+      const offset = offsets[i]!;
+      const slot = slots[i]!;
+      if (slot < 0) {
+        zero(block, offset);
+        i++;
+        continue;
+      }
+      let j = i + 1;
+      while (
+        j < count &&
+        blocks[j] === block &&
+        slots[j] === slot + (j - i) &&
+        offsets[j] === offset + (j - i) * PAGE_SIZE
+      ) {
+        j++;
+      }
+      const n = j - i;
+      data(block, offset, this.data.subarray(slot * PAGE_SIZE, (slot + n) * PAGE_SIZE), n);
+      i = j;
+    }
   }
 }
 
@@ -315,25 +404,39 @@ export class PageArena {
  */
 export class RamCommitter {
   private readonly written = new Map<RamBlock, Uint8Array>();
+  private lastBlock: RamBlock | undefined;
+  private lastBits: Uint8Array | undefined;
 
   constructor(private readonly ramIsZeroed: boolean) {}
 
-  commit(pages: readonly StagedPage[]): void {
-    for (const p of pages) {
-      const index = p.offset / PAGE_SIZE;
-      let bits = this.written.get(p.block);
-      if (!bits) {
-        bits = new Uint8Array(Math.ceil(p.block.size / PAGE_SIZE / 8));
-        this.written.set(p.block, bits);
-      }
-      const mask = 1 << (index & 7);
-      if (p.data) {
-        p.block.write(p.offset, p.data);
-        bits[index >> 3]! |= mask;
-      } else if (!this.ramIsZeroed || bits[index >> 3]! & mask) {
-        if (!isZeroPage(p.block.read(p.offset, PAGE_SIZE))) p.block.write(p.offset, ZERO_PAGE);
-      }
+  commit(stage: RamStage): void {
+    stage.forEachRun(
+      (block, offset, bytes, pages) => {
+        block.write(offset, bytes);
+        const bits = this.bits(block);
+        const first = offset / PAGE_SIZE;
+        for (let index = first; index < first + pages; index++)
+          bits[index >> 3]! |= 1 << (index & 7);
+      },
+      (block, offset) => {
+        const index = offset / PAGE_SIZE;
+        if (!this.ramIsZeroed || this.bits(block)[index >> 3]! & (1 << (index & 7))) {
+          if (!isZeroPage(block.read(offset, PAGE_SIZE))) block.write(offset, ZERO_PAGE);
+        }
+      },
+    );
+  }
+
+  private bits(block: RamBlock): Uint8Array {
+    if (block === this.lastBlock) return this.lastBits!;
+    let bits = this.written.get(block);
+    if (!bits) {
+      bits = new Uint8Array(Math.ceil(block.size / PAGE_SIZE / 8));
+      this.written.set(block, bits);
     }
+    this.lastBlock = block;
+    this.lastBits = bits;
+    return bits;
   }
 }
 

@@ -3,9 +3,10 @@ import { MigrationStreamError } from './errors.js';
 import { type ByteSink, type ByteSource, StreamReader, StreamWriter } from './qemu-file.js';
 import {
   checkRamShape,
+  isZeroPageAt,
+  isZeroRun,
   loadRamSection,
   PAGE_SIZE,
-  PageArena,
   RAM_SECTION_VERSION,
   type RamAccessor,
   type RamBlock,
@@ -14,8 +15,8 @@ import {
   type RamCounters,
   type RamPageSelection,
   RamPageWriter,
+  RamStage,
   ramTotal,
-  type StagedPage,
   saveRamEos,
   saveRamSetup,
   validateRam,
@@ -361,6 +362,8 @@ export class MigrationStreamWriter {
     let inSection = 0;
     for (const [block, first, count] of runs(this.opts.ram, selection)) {
       const data = block.read(first * PAGE_SIZE, count * PAGE_SIZE);
+      // One memcmp finds an all-zero run (an idle guest) at once.
+      const allZero = isZeroRun(data);
       for (let i = 0; i < count; i++) {
         if (!open) {
           this.header(QEMU_VM_SECTION_PART, this.ramId);
@@ -368,7 +371,8 @@ export class MigrationStreamWriter {
           open = true;
         }
         const off = i * PAGE_SIZE;
-        this.pages.page(block, (first + i) * PAGE_SIZE, data.subarray(off, off + PAGE_SIZE));
+        const zero = allZero || isZeroPageAt(data, off);
+        this.pages.pageAt(block, (first + i) * PAGE_SIZE, data, off, zero);
         if (++inSection >= this.chunkPages) {
           saveRamEos(this.w);
           await this.endSection(this.ramId);
@@ -384,6 +388,8 @@ export class MigrationStreamWriter {
       saveRamEos(this.w);
       await this.endSection(this.ramId);
     }
+    // A pass ends when the sink has taken it (live migration times passes).
+    await this.w.settleAll();
   }
 
   /**
@@ -555,7 +561,7 @@ export interface LoadResult extends StreamStats {
 
 type Pending =
   | { kind: 'machine'; id: number; record: MachineRecord }
-  | { kind: 'ram'; id: number; pages: StagedPage[]; blockList: RamBlockEntry[] | undefined }
+  | { kind: 'ram'; id: number; blockList: RamBlockEntry[] | undefined }
   | { kind: 'device'; id: number; device: DeviceSection; staged: StagedVMState<unknown> };
 
 function fail(code: MigrationStreamError['code'], message: string): MigrationStreamError {
@@ -607,7 +613,8 @@ async function loadInner(
   let ramId: number | undefined;
   let ramPhase: 'none' | 'started' | 'ended' = 'none';
   let machineSeen = false;
-  const arena = new PageArena();
+  // One staging area for the RAM section being verified, reused.
+  const stage = new RamStage();
   const committer = new RamCommitter(opts.ramIsZeroed ?? false);
 
   for (;;) {
@@ -694,13 +701,11 @@ async function loadInner(
         machineSeen = true;
       } else if (done.kind === 'ram') {
         if (done.blockList) checkRamShape(done.blockList, opts.ram);
-        committer.commit(done.pages);
-        arena.reset();
-        if (done.pages.length > 0) touchRam();
-        for (const pg of done.pages) {
-          if (pg.data) counters.normalPages++;
-          else counters.zeroPages++;
-        }
+        if (stage.pages > 0) touchRam();
+        committer.commit(stage);
+        counters.normalPages += stage.normalPages;
+        counters.zeroPages += stage.zeroPages;
+        stage.reset();
         opts.onProgress?.({ bytes: r.offset, ...counters });
       } else {
         verified.push({ device: done.device, staged: done.staged });
@@ -774,13 +779,13 @@ async function loadInner(
       } else if (type === QEMU_VM_SECTION_FULL) {
         throw fail('MIGRATION_MALFORMED', "a FULL 'ram' section");
       }
-      const staged = await loadRamSection(r, opts.ram, isStart, arena);
-      if (isStart && !staged.blockList && hasRam) {
+      const blockList = await loadRamSection(r, opts.ram, isStart, stage);
+      if (isStart && !blockList && hasRam) {
         throw fail('MIGRATION_MALFORMED', "the 'ram' START section has no block list");
       }
       await readFooter(r, id);
       if (type === QEMU_VM_SECTION_END) ramPhase = 'ended';
-      pending = { kind: 'ram', id, pages: staged.pages, blockList: staged.blockList };
+      pending = { kind: 'ram', id, blockList };
       continue;
     }
 
