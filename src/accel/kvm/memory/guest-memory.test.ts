@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { Worker } from 'node:worker_threads';
 import { GuestMemory, VIEW_CHUNK_BYTES } from './guest-memory.js';
@@ -235,6 +235,26 @@ test('another thread can view guest RAM from the slot host address', async () =>
       [9, 8, 7, 6],
       'this thread reads what the worker wrote',
     );
+  } finally {
+    mem.close();
+  }
+});
+
+/** The VmFlags line of the mapping that starts at `addr`, from /proc/self/smaps. */
+function vmFlagsOf(addr: bigint): string[] {
+  const smaps = readFileSync('/proc/self/smaps', 'utf8').split('\n');
+  const start = smaps.findIndex((line) => line.startsWith(`${addr.toString(16)}-`));
+  assert.ok(start >= 0, `mapping at 0x${addr.toString(16)} is in /proc/self/smaps`);
+  const flags = smaps.slice(start + 1).find((line) => line.startsWith('VmFlags:'));
+  return flags!.slice('VmFlags:'.length).trim().split(/\s+/);
+}
+
+test('guest RAM is advised for huge pages and kept out of forked children', () => {
+  const mem = GuestMemory.create(parseMemorySize('64M'));
+  try {
+    const flags = vmFlagsOf(mem.hostAddr);
+    assert.ok(flags.includes('hg'), `MADV_HUGEPAGE in ${flags.join(' ')}`);
+    assert.ok(flags.includes('dc'), `MADV_DONTFORK in ${flags.join(' ')}`);
   } finally {
     mem.close();
   }
