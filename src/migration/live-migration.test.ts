@@ -118,6 +118,26 @@ class Scope {
     return vmm;
   }
 
+  /**
+   * A destination waiting on `uri` and a source, both running the guest,
+   * each with its negotiated QMP client.
+   */
+  async startPair(
+    uri: string,
+  ): Promise<{ src: Vmm; srcQmp: QmpClient; dst: Vmm; dstQmp: QmpClient }> {
+    const dstSock = join(this.dir, 'dst.qmp');
+    const srcSock = join(this.dir, 'src.qmp');
+    const dst = this.start([
+      ...guestArgs(),
+      '-incoming',
+      uri,
+      '-qmp',
+      `unix:${dstSock},server=on,wait=off`,
+    ]);
+    const src = this.start([...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`]);
+    return { src, srcQmp: await this.qmp(srcSock, src), dst, dstQmp: await this.qmp(dstSock, dst) };
+  }
+
   server(s: Server): Server {
     this.servers.push(s);
     return s;
@@ -481,18 +501,7 @@ describe('live migration between tsvmm processes (needs KVM)', () => {
         transport === 'tcp'
           ? `tcp:127.0.0.1:${await freePort('127.0.0.1')}`
           : `unix:${join(scope.dir, 'mig.sock')}`;
-      const dstSock = join(scope.dir, 'dst.qmp');
-      const srcSock = join(scope.dir, 'src.qmp');
-      const dst = scope.start([
-        ...guestArgs(),
-        '-incoming',
-        uri,
-        '-qmp',
-        `unix:${dstSock},server=on,wait=off`,
-      ]);
-      const src = scope.start([...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`]);
-      const dstQmp = await scope.qmp(dstSock, dst);
-      const srcQmp = await scope.qmp(srcSock, src);
+      const { src, srcQmp, dst, dstQmp } = await scope.startPair(uri);
       await migrateAndCheck(src, srcQmp, dst, dstQmp, uri);
     });
   }
@@ -582,18 +591,7 @@ describe('live migration between tsvmm processes (needs KVM)', () => {
     if (!requireKvm(t)) return;
     const scope = new Scope(t);
     const uri = `unix:${join(scope.dir, 'mig.sock')}`;
-    const dstSock = join(scope.dir, 'dst.qmp');
-    const srcSock = join(scope.dir, 'src.qmp');
-    const dst = scope.start([
-      ...guestArgs(),
-      '-incoming',
-      uri,
-      '-qmp',
-      `unix:${dstSock},server=on,wait=off`,
-    ]);
-    const src = scope.start([...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`]);
-    const dstQmp = await scope.qmp(dstSock, dst);
-    const qmp = await scope.qmp(srcSock, src);
+    const { src, srcQmp: qmp, dst, dstQmp } = await scope.startPair(uri);
     await waitDirtying(src);
     assert.equal(await status(dstQmp), 'inmigrate');
     // 8 MiB/s: the first pass alone takes ~8 s.
