@@ -19,7 +19,10 @@ export type X86MigrationHostOptions = Pick<
 
 /** The MigrationHost of `machine`. */
 export function x86MigrationHost(
-  machine: Pick<X86Machine, 'vm' | 'memory' | 'vcpus' | 'lifecycle' | 'kvmclock' | 'serial'>,
+  machine: Pick<
+    X86Machine,
+    'vm' | 'memory' | 'vcpus' | 'lifecycle' | 'kvmclock' | 'serial' | 'tscAtStop'
+  >,
   options: X86MigrationHostOptions,
 ): MigrationHost {
   return {
@@ -31,6 +34,7 @@ export function x86MigrationHost(
       cpus: machine.vcpus,
       kvmclock: machine.kvmclock,
       serialState: machine.serial.state,
+      tscAtStop: machine.tscAtStop,
     }),
     lifecycle: machine.lifecycle,
     ...options,

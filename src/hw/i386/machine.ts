@@ -53,6 +53,8 @@ export class X86Machine {
     readonly kvmclock: KvmClockDevice,
     /** The main thread's handle on the UART, for console input. */
     readonly serial: Serial16550,
+    /** Each vCPU's TSC as read at the current stop, if the VM is stopped and kvmclock saved the clock. */
+    readonly tscAtStop: readonly (bigint | undefined)[],
   ) {}
 
   static async create(options: MachineOptions): Promise<X86Machine> {
@@ -130,6 +132,17 @@ export class X86Machine {
       await loadGuest();
 
       const lifecycle = new VmLifecycle({ cpus: vcpus });
+      // Each vCPU's TSC read when kvmclock saved the clock at a stop (QEMU's
+      // kvm_synchronize_all_tsc), so a migration saves TSCs and clock of
+      // the same moment. Forgotten when the VM runs again.
+      const tscAtStop: (bigint | undefined)[] = [];
+      lifecycle.notifiers.add({
+        name: 'tsc-snapshot',
+        priority: 0,
+        callback: (running) => {
+          if (running) tscAtStop.length = 0;
+        },
+      });
       // A reset (system_reset, or a guest's reboot) starts the guest afresh
       // on every vCPU, and lets vCPUs parked by the guest's request run again.
       lifecycle.addResetHandler(async () => {
@@ -143,6 +156,11 @@ export class X86Machine {
           hasKvmclockCtrl: caps.kvmclockCtrl,
           clockIsReliableFromHost: caps.clockTscStable,
           readGuestPvclockNs: () => readGuestKvmclock(vcpus, memory),
+          synchronizeTscs: async () => {
+            for (let cpu = 0; cpu < options.cpus; cpu++) {
+              tscAtStop[cpu] = await readTsc(vcpus, cpu);
+            }
+          },
         },
         vcpus,
         {
@@ -157,7 +175,7 @@ export class X86Machine {
         transmit: () => {},
         setIrq: (level) => vm.irqLine(COM1_IRQ, level ? 1 : 0),
       });
-      return new X86Machine(kvm, vm, memory, vcpus, lifecycle, kvmclock, serial);
+      return new X86Machine(kvm, vm, memory, vcpus, lifecycle, kvmclock, serial, tscAtStop);
     } catch (err) {
       await undo();
       throw err;
@@ -172,6 +190,12 @@ export class X86Machine {
     this.vm.close();
     this.kvm.close();
   }
+}
+
+/** vCPU `cpu`'s TSC now, read on its own thread. */
+async function readTsc(vcpus: VcpuThreads, cpu: number): Promise<bigint | undefined> {
+  const msrs = (await vcpus.runOnCpu(cpu, 'get_msrs', [MSR_IA32_TSC])) as { data: bigint }[];
+  return msrs[0]?.data;
 }
 
 /**

@@ -30,6 +30,22 @@ export interface X86MigrationParts {
   readonly kvmclock: KvmClockDevice;
   /** The UART's shared state (createSerialState()). */
   readonly serialState: SharedArrayBuffer;
+  /** Each vCPU's TSC read when the clock was saved at this stop; saved in its place. */
+  readonly tscAtStop?: readonly (bigint | undefined)[];
+}
+
+const MSR_IA32_TSC = 0x10;
+
+/**
+ * `saved` with its TSC replaced by the one read when kvmclock saved the
+ * clock, so the destination's TSC and kvmclock resume from one moment.
+ */
+export function withTscAt(saved: CpuSavedState, tsc: bigint | undefined): CpuSavedState {
+  if (tsc === undefined) return saved;
+  return {
+    ...saved,
+    msrs: saved.msrs.map((m) => (m.index === MSR_IA32_TSC ? { ...m, data: tsc } : m)),
+  };
 }
 
 /** The devices list of an X86Machine for MigrationHost.devices. */
@@ -40,7 +56,8 @@ export function x86MigrationDevices(parts: X86MigrationParts): MigratableDevice[
     devices.push({
       section: cpuSection(state),
       capture: async () => {
-        state.saved = (await parts.cpus.runOnCpu(cpu, GET_CPU_STATE_OP)) as CpuSavedState;
+        const saved = (await parts.cpus.runOnCpu(cpu, GET_CPU_STATE_OP)) as CpuSavedState;
+        state.saved = withTscAt(saved, parts.tscAtStop?.[cpu]);
       },
       restore: async () => {
         await parts.cpus.runOnCpu(cpu, SET_CPU_STATE_OP, state.saved);
