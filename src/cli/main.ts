@@ -19,7 +19,12 @@ import { QmpCommandRegistry } from '../monitor/qmp-registry.js';
 import { QmpServer } from '../monitor/qmp-server.js';
 import { qmpVersionInfo, tsvmmVersion } from '../monitor/version.js';
 import { contCommand } from '../monitor/vm-control.js';
-import { installSignalHandlers, MainLoop, runUntilShutdown } from '../system/main-loop.js';
+import {
+  installSignalHandlers,
+  MainLoop,
+  runUntilShutdown,
+  SHUTDOWN_SIGNALS,
+} from '../system/main-loop.js';
 import { setUpTracing, type TracingSetup } from '../trace/options.js';
 import { TsvmmError } from '../util/errors.js';
 import { helpText, versionText } from './help.js';
@@ -68,6 +73,19 @@ async function run(config: VmConfig): Promise<number> {
     version: qmpVersionInfo(),
     log: (m) => process.stderr.write(`tsvmm: qmp: ${m}\n`),
   });
+  // -name ...,process=NAME: what ps and top show for this process.
+  if (config.processName !== undefined) process.title = config.processName;
+  // A signal that comes while the machine is still being built is held
+  // and carried out as soon as the main loop exists, so start-up is never
+  // cut short without cleanup.
+  let earlySignal: NodeJS.Signals | undefined;
+  const holdSignal = (signal: NodeJS.Signals) => {
+    earlySignal ??= signal;
+  };
+  for (const s of SHUTDOWN_SIGNALS) process.on(s, holdSignal);
+  const releaseEarlySignals = () => {
+    for (const s of SHUTDOWN_SIGNALS) process.off(s, holdSignal);
+  };
   try {
     tracing = setUpTracing({
       trace: [...config.trace.enable, ...config.trace.eventFiles.map((f) => `events=${f}`)],
@@ -108,6 +126,8 @@ async function run(config: VmConfig): Promise<number> {
     loop = new MainLoop({ lifecycle: machine.lifecycle, noReboot: config.noReboot });
     const lifecycle = machine.lifecycle;
     const removeSignals = installSignalHandlers(loop);
+    releaseEarlySignals();
+    if (earlySignal) loop.requestShutdown('host-signal', earlySignal);
 
     const vm = machineVmControl({
       machine,
@@ -184,6 +204,7 @@ async function run(config: VmConfig): Promise<number> {
     await machine?.destroy().catch(() => {});
     throw err;
   } finally {
+    releaseEarlySignals();
     if (pidfileWritten) rmSync(config.pidfile!, { force: true });
     if (ownSerialFd && serialFd !== null) closeSync(serialFd);
     tracing?.close();
