@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
+import { defaultGuestCacheDir } from '../../../tools/guest-image/main.js';
 import { BOOT_GDT_ADDR, BOOT_IDT_ADDR, PD_ADDR, PML4_ADDR } from '../long-mode.js';
 import { BOOT_PARAMS_SIZE, E820_RESERVED } from './boot-params.js';
 import { type BzImage, parseKernelImage, XLF_KERNEL_64 } from './kernel-image.js';
@@ -270,10 +271,8 @@ test('the loader leaves the long-mode tables alone', () => {
 
 /** A real kernel, where this host has one: the guest cache or /boot. */
 function findRealKernel(): { path?: string; reason: string } {
-  const candidates: string[] = [];
-  const cache = process.env.TSVMM_GUEST_CACHE;
-  if (cache) candidates.push(join(cache, 'vmlinuz'));
-  candidates.push('/var/cache/tsvmm/guest/vmlinuz');
+  // The guest builder's cache ($TSVMM_GUEST_CACHE or ~/.cache/tsvmm/guest).
+  const candidates: string[] = [join(defaultGuestCacheDir(), 'vmlinuz')];
   if (existsSync('/boot')) {
     for (const name of readdirSync('/boot').sort()) {
       if (name.startsWith('vmlinuz-')) candidates.push(join('/boot', name));
