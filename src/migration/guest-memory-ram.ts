@@ -7,32 +7,54 @@
  * stream's block list does not depend on where the PCI hole is.
  */
 import type { GuestMemory } from '../accel/kvm/memory/guest-memory.js';
-import type { RamAccessor, RamBlock } from './ram.js';
+import { type Pagemap, processPagemap } from '../util/pagemap.js';
+import { PAGE_SIZE, type RamAccessor, type RamBlock } from './ram.js';
 
 /** The id of the single RAM block. */
 export const PC_RAM_BLOCK = 'pc.ram';
 
-/** The GuestMemory methods the adapter uses. */
+/**
+ * The GuestMemory methods the adapter uses. Each slot's `hostAddr` must be
+ * where `view` reads it in this process's private anonymous memory (as
+ * GuestMemory's are), or 0n for memory that is not such a mapping (a test
+ * double over buffers): then pages are always read.
+ */
 export type GuestRam = Pick<GuestMemory, 'slots' | 'view' | 'write'>;
+
+/** Options for {@link guestMemoryRam}. */
+export interface GuestMemoryRamOptions {
+  /**
+   * Where to learn which pages were never populated, so that the saver
+   * sends them as zero pages without reading (allocating) them. Default:
+   * this process's /proc/self/pagemap; null never asks.
+   */
+  readonly pagemap?: Pagemap | null;
+}
 
 interface Piece {
   /** Offset in the block. */
   start: number;
   gpa: number;
   size: number;
+  hostAddr: bigint;
 }
 
 /**
  * A RamAccessor over guest RAM. Reads are views of guest memory (no copy)
- * unless the range straddles two slots; writes copy in.
+ * unless the range straddles two slots; writes copy in. The block answers
+ * unpopulatedPages from pagemap (see {@link GuestMemoryRamOptions}).
  */
-export function guestMemoryRam(memory: GuestRam): RamAccessor {
+export function guestMemoryRam(memory: GuestRam, options: GuestMemoryRamOptions = {}): RamAccessor {
   const pieces: Piece[] = [];
   let total = 0;
   for (const s of [...memory.slots].sort((a, b) => a.gpa - b.gpa)) {
-    pieces.push({ start: total, gpa: s.gpa, size: s.size });
+    pieces.push({ start: total, gpa: s.gpa, size: s.size, hostAddr: s.hostAddr });
     total += s.size;
   }
+  const mapped = pieces.every(
+    (p) => p.hostAddr > 0n && p.hostAddr % BigInt(PAGE_SIZE) === 0n && p.size % PAGE_SIZE === 0,
+  );
+  const pagemap = options.pagemap === undefined ? processPagemap() : options.pagemap;
   // Each [piece, offset in piece, length] a block range touches.
   const walk = (
     offset: number,
@@ -86,6 +108,22 @@ export function guestMemoryRam(memory: GuestRam): RamAccessor {
       walk(offset, bytes.length, (gpa, at, n) => memory.write(gpa, bytes.subarray(at, at + n)));
     },
   };
+  if (pagemap && mapped) {
+    block.unpopulatedPages = (firstPage, count) => {
+      const out = new Uint8Array(count);
+      let ok = true;
+      walk(firstPage * PAGE_SIZE, count * PAGE_SIZE, (gpa, at, n) => {
+        if (!ok) return;
+        // Throws once the memory is closed: an unmapped range is not zeros.
+        memory.view(gpa, 0);
+        const piece = pieces.find((p) => gpa >= p.gpa && gpa < p.gpa + p.size)!;
+        const map = pagemap.unpopulated(piece.hostAddr + BigInt(gpa - piece.gpa), n / PAGE_SIZE);
+        if (map) out.set(map, at / PAGE_SIZE);
+        else ok = false;
+      });
+      return ok ? out : undefined;
+    };
+  }
   return { blocks: total > 0 ? [block] : [] };
 }
 

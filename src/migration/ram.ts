@@ -24,6 +24,15 @@ export interface RamBlock {
   read(offset: number, len: number): Uint8Array;
   /** Copies `bytes` into the block at `offset`. */
   write(offset: number, bytes: Uint8Array): void;
+  /**
+   * Optional: for the `count` pages from page index `firstPage`, one byte
+   * per page, 1 where the page is certainly zero without reading it (host
+   * memory never populated), 0 where it must be read to know. Undefined
+   * when this cannot be told (the saver then reads every page). Reading an
+   * untouched page of an anonymous mapping can allocate it, so the saver
+   * asks first and sends these pages as zero pages without a read.
+   */
+  unpopulatedPages?(firstPage: number, count: number): Uint8Array | undefined;
 }
 
 /** Guest RAM as the stream sees it; the machine adapts its memory to this. */

@@ -6,7 +6,7 @@ import { after, describe, test } from 'node:test';
 import { openIncoming, withOutgoing } from './channels.js';
 import { MigrationStreamError } from './errors.js';
 import { BufferSink, bufferSource } from './qemu-file.js';
-import { createBufferRam, PAGE_SIZE } from './ram.js';
+import { createBufferRam, PAGE_SIZE, type RamBlock } from './ram.js';
 import {
   type DeviceSection,
   loadVmState,
@@ -399,5 +399,121 @@ describe('migration stream', () => {
       }),
     );
     assert.ok(readFileSync(path).equals(a));
+  });
+});
+
+describe('pages a RAM block reports unpopulated', () => {
+  const PAGES = 600;
+
+  /**
+   * One buffer block with data in pages 0-2, 100 and 450; pages from
+   * `unpopulatedFrom` on that hold no data are reported unpopulated. Reads
+   * are recorded as [first page, pages], and answers can be replaced.
+   */
+  function ramWithMap(unpopulatedFrom = 50) {
+    const ram = createBufferRam([{ id: 'pc.ram', size: PAGES * PAGE_SIZE }]);
+    const mem = ram.memory.get('pc.ram')!;
+    for (const p of [0, 1, 2, 100, 450]) mem.fill(p + 1, p * PAGE_SIZE, p * PAGE_SIZE + 99);
+    const inner = ram.blocks[0]!;
+    const reads: [number, number][] = [];
+    const asked: [number, number][] = [];
+    const state = {
+      reads,
+      asked,
+      answer: (first: number, count: number): Uint8Array | undefined => {
+        const out = new Uint8Array(count);
+        for (let i = 0; i < count; i++) {
+          const p = first + i;
+          out[i] = p >= unpopulatedFrom && ![100, 450].includes(p) ? 1 : 0;
+        }
+        return out;
+      },
+    };
+    const block = {
+      id: inner.id,
+      size: inner.size,
+      read(offset: number, len: number) {
+        reads.push([offset / PAGE_SIZE, len / PAGE_SIZE]);
+        return inner.read(offset, len);
+      },
+      write: inner.write,
+      unpopulatedPages(first: number, count: number) {
+        asked.push([first, count]);
+        return state.answer(first, count);
+      },
+    };
+    const plain = { blocks: [inner] };
+    return { ram: { blocks: [block] }, plain, mem, state };
+  }
+
+  function readPages(reads: readonly [number, number][]): Set<number> {
+    const s = new Set<number>();
+    for (const [first, n] of reads) for (let p = first; p < first + n; p++) s.add(p);
+    return s;
+  }
+
+  async function save(ram: { blocks: readonly RamBlock[] }): Promise<Buffer> {
+    const sink = new BufferSink();
+    await saveVmState({ sink, machineType: MACHINE, vcpus: 1, ram, devices: [], chunkPages: 64 });
+    return sink.bytes();
+  }
+
+  test('a save sends them as zero pages without reading them: the same bytes', async () => {
+    const { ram, plain, state } = ramWithMap();
+    const bytes = await save(ram);
+    assert.ok(bytes.equals(await save(plain)));
+    // Asked once for the whole block, and only the populated pages were read.
+    assert.deepEqual(state.asked, [[0, PAGES]]);
+    const read = readPages(state.reads);
+    assert.equal(read.size, 52);
+    for (let p = 0; p < PAGES; p++) assert.equal(read.has(p), p < 50 || p === 100 || p === 450);
+  });
+
+  test('an answer is used in its own pass only; chosen pages are asked about in long runs', async () => {
+    const { ram, mem, state } = ramWithMap();
+    const sink = new BufferSink();
+    const w = new MigrationStreamWriter({
+      sink,
+      machineType: MACHINE,
+      vcpus: 1,
+      ram,
+      devices: [],
+      chunkPages: 64,
+    });
+    await w.begin();
+    await w.sendRam();
+    assert.equal(state.asked.length, 1);
+    // The guest writes page 300; the second pass must read it.
+    mem.fill(0x5a, 300 * PAGE_SIZE, 301 * PAGE_SIZE);
+    state.answer = (first, count) =>
+      new Uint8Array(count).fill(1).map((_, i) => (first + i === 300 ? 0 : 1));
+    state.reads.length = 0;
+    await w.sendRam();
+    assert.deepEqual(state.asked[1], [0, PAGES]);
+    assert.ok(readPages(state.reads).has(300));
+    assert.equal(readPages(state.reads).size, 1);
+    // A short run of chosen pages is read without asking; a long one is asked about.
+    state.asked.length = 0;
+    state.reads.length = 0;
+    await w.sendRam([{ block: 'pc.ram', pages: [5, 6, 7] }]);
+    assert.deepEqual(state.asked, []);
+    const long = Array.from({ length: 40 }, (_, i) => 280 + i);
+    await w.sendRam([{ block: 'pc.ram', pages: long }]);
+    assert.deepEqual(state.asked, [[280, 40]]);
+    assert.ok(readPages(state.reads).has(300));
+    assert.ok(!readPages(state.reads).has(301));
+    const stats = await w.complete();
+    // Pages 0-2, 100 and 450; then 300 in each of the passes that sent it.
+    assert.equal(stats.normalPages, 5 + 1 + 1);
+  });
+
+  test('a block that cannot answer, or answers wrongly, is read and not asked again', async () => {
+    for (const answer of [() => undefined, () => new Uint8Array(3)]) {
+      const { ram, plain, state } = ramWithMap();
+      state.answer = answer;
+      assert.ok((await save(ram)).equals(await save(plain)));
+      assert.equal(state.asked.length, 1);
+      assert.equal(readPages(state.reads).size, PAGES);
+    }
   });
 });

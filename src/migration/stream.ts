@@ -303,6 +303,10 @@ export class MigrationStreamWriter {
   private readonly descs: VMDesc['devices'] = [];
   private sections = 0;
   private phase: 'new' | 'ram' | 'done' = 'new';
+  /** The last answer of RamBlock.unpopulatedPages in this pass. */
+  private unpopulated: { block: RamBlock; first: number; map: Uint8Array } | undefined;
+  /** Blocks that could not answer unpopulatedPages: not asked again. */
+  private readonly pagemapFailed = new Set<RamBlock>();
 
   constructor(private readonly opts: StreamWriterOptions) {
     validateShape(opts);
@@ -354,42 +358,96 @@ export class MigrationStreamWriter {
   /**
    * Sends RAM pages in PART sections of at most `chunkPages` pages: every
    * page of every block when `selection` is absent, else the given pages
-   * (a pass over the dirty pages). Zero pages take 9 bytes or less.
+   * (a pass over the dirty pages). Zero pages take 9 bytes or less. Pages
+   * the block reports unpopulated (RamBlock.unpopulatedPages) are sent as
+   * zero pages without being read; the stream is the same either way.
    */
   async sendRam(selection?: readonly RamPageSelection[]): Promise<void> {
     if (this.phase !== 'ram') throw new Error('sendRam() needs begin() first and no complete()');
     let open = false;
     let inSection = 0;
+    // Never reuse what pagemap said in an earlier pass.
+    this.unpopulated = undefined;
     for (const [block, first, count] of runs(this.opts.ram, selection)) {
-      const data = block.read(first * PAGE_SIZE, count * PAGE_SIZE);
-      // One memcmp finds an all-zero run (an idle guest) at once.
-      const allZero = isZeroRun(data);
-      for (let i = 0; i < count; i++) {
-        if (!open) {
-          this.header(QEMU_VM_SECTION_PART, this.ramId);
-          this.pages.newSection();
-          open = true;
-        }
-        const off = i * PAGE_SIZE;
-        const zero = allZero || isZeroPageAt(data, off);
-        this.pages.pageAt(block, (first + i) * PAGE_SIZE, data, off, zero);
-        if (++inSection >= this.chunkPages) {
-          saveRamEos(this.w);
-          await this.endSection(this.ramId);
-          open = false;
-          inSection = 0;
+      const unpopulated = this.unpopulatedIn(block, first, count, !selection);
+      let i = 0;
+      while (i < count) {
+        // A stretch [i, j) of pages known zero without reading (no data),
+        // or of pages read in one view.
+        let j = i + 1;
+        let data: Uint8Array = NO_DATA;
+        let allZero = true;
+        if (unpopulated?.[i]) {
+          while (j < count && unpopulated[j]) j++;
         } else {
-          const p = this.w.flushIfNeeded();
-          if (p) await p;
+          if (unpopulated) while (j < count && !unpopulated[j]) j++;
+          else j = count;
+          data = block.read((first + i) * PAGE_SIZE, (j - i) * PAGE_SIZE);
+          // One memcmp finds an all-zero run (an idle guest) at once.
+          allZero = isZeroRun(data);
         }
+        for (let k = i; k < j; k++) {
+          if (!open) {
+            this.header(QEMU_VM_SECTION_PART, this.ramId);
+            this.pages.newSection();
+            open = true;
+          }
+          const off = (k - i) * PAGE_SIZE;
+          const zero = allZero || isZeroPageAt(data, off);
+          this.pages.pageAt(block, (first + k) * PAGE_SIZE, data, off, zero);
+          if (++inSection >= this.chunkPages) {
+            saveRamEos(this.w);
+            await this.endSection(this.ramId);
+            open = false;
+            inSection = 0;
+          } else {
+            const p = this.w.flushIfNeeded();
+            if (p) await p;
+          }
+        }
+        i = j;
       }
     }
+    this.unpopulated = undefined;
     if (open) {
       saveRamEos(this.w);
       await this.endSection(this.ramId);
     }
     // A pass ends when the sink has taken it (live migration times passes).
     await this.w.settleAll();
+  }
+
+  /**
+   * Which of the `count` pages from `first` the block says are zero
+   * without a read (RamBlock.unpopulatedPages), or undefined to read them
+   * all. A pass over all of RAM asks for PAGEMAP_AHEAD_PAGES at once and
+   * keeps the answer for the runs that follow (a page populated after the
+   * question was written after it, which the dirty log reports as it would
+   * had the page been read); a pass over chosen (dirty, so most likely
+   * populated) pages asks only for runs of PAGEMAP_MIN_RUN pages or more.
+   */
+  private unpopulatedIn(
+    block: RamBlock,
+    first: number,
+    count: number,
+    ahead: boolean,
+  ): Uint8Array | undefined {
+    if (!block.unpopulatedPages || this.pagemapFailed.has(block)) return undefined;
+    const c = this.unpopulated;
+    if (c && c.block === block && first >= c.first && first + count <= c.first + c.map.length) {
+      return c.map.subarray(first - c.first, first - c.first + count);
+    }
+    if (!ahead && count < PAGEMAP_MIN_RUN) return undefined;
+    const n = ahead
+      ? Math.max(count, Math.min(PAGEMAP_AHEAD_PAGES, block.size / PAGE_SIZE - first))
+      : count;
+    const map = block.unpopulatedPages(first, n);
+    if (!map || map.length !== n) {
+      this.pagemapFailed.add(block);
+      return undefined;
+    }
+    if (ahead) this.unpopulated = { block, first, map };
+    return map.subarray(0, count);
   }
 
   /**
@@ -486,6 +544,12 @@ export class MigrationStreamWriter {
 }
 
 const RUN_PAGES = 256;
+/** Pages a pass over all of RAM asks RamBlock.unpopulatedPages about at once (256 MiB). */
+const PAGEMAP_AHEAD_PAGES = 64 * 1024;
+/** The shortest run of chosen pages worth asking about. */
+const PAGEMAP_MIN_RUN = 32;
+/** The data of a stretch of pages that are not read. */
+const NO_DATA = new Uint8Array(0);
 
 /** Consecutive page runs [block, first page, count] to read in one call each. */
 function* runs(
