@@ -59,6 +59,17 @@ int str_starts(const char *s, const char *prefix)
 }
 
 /* Decimal, or hex with 0x. Stops at the first other character. */
+u64 median_u64(u64 *v, int n)
+{
+	for (int i = 1; i < n; i++)
+		for (int j = i; j > 0 && v[j - 1] > v[j]; j--) {
+			u64 t = v[j];
+			v[j] = v[j - 1];
+			v[j - 1] = t;
+		}
+	return n ? v[n / 2] : 0;
+}
+
 u64 parse_u64(const char *s, const char **end)
 {
 	u64 v = 0;

@@ -23,9 +23,11 @@
  * Unknown probe.* words are reported (`ignored option=...`).
  *
  * Lines on COM1 (0x3f8), each ended by "\r\n", never interleaved:
- *   probe cpu=0 boot entry=<pvh|linux64> clock=<kvmclock|tsc> [tsc_khz=N]
+ *   probe cpu=0 boot entry=<pvh|linux64> clock=<kvmclock|tsc>
+ *       [tsc_khz=N tsc_cal=<pit|cpuid|lapic|guess>]
  *       cpus=N tables=<acpi|mptable|none> apic_timer_khz=N timer=<lapic|poll>
  *       tick_ms=N watchdog_ms=N dirty_mb=N dirty_rate_mb=N
+ *       (watchdog_ms=0: the watchdog is off, as it is when tsc_cal=guess)
  *   probe cpu=<n> ready clock=<kvmclock|tsc> cpus=<N> apic=<id>   (each CPU once)
  *   probe cpu=<n> tick ns=<clock ns>
  *   probe cpu=<n> stopped ns=<ns>        GUEST_STOPPED was set; cleared
@@ -42,9 +44,15 @@
  *   probe cpu=0 ap-timeout apic=<id> ms=N    (an AP did not start)
  * The clock is kvmclock (each CPU its own pvclock area, MSR 0x4b564d01) when
  * CPUID 0x40000000 says "KVMKVMKVM" and 0x40000001 EAX bit 3
- * (CLOCKSOURCE2) is set, else the TSC calibrated on PIT channel 2, counted
- * from boot. The dirty pattern: each 8-byte word = its address XOR the pass
- * number (1, 2, ...); the sum is 64-bit FNV-1a over those words in order.
+ * (CLOCKSOURCE2) is set, else the TSC, counted from boot, its rate
+ * calibrated on PIT channel 2, else taken from CPUID 0x15/0x16 (Intel, valid
+ * leaves only), else calibrated on the LAPIC timer taken as 1 GHz (no PIT:
+ * QEMU's microvm); each measurement is repeated, its runs read between two
+ * TSC readings and rejected when that window is wide, and its median kept
+ * only within 100 MHz .. 10 GHz. If all fail, tsc_khz=1000000 is a guess
+ * (tsc_cal=guess) and the watchdog is off. The dirty pattern: each 8-byte
+ * word = its address XOR the pass number (1, 2, ...); the sum is 64-bit
+ * FNV-1a over those words in order.
  * Console commands (a line, then Enter): clock, sum, help.
  */
 #include "probe.h"
@@ -385,13 +393,13 @@ static void do_tick(int n)
 		/* the host stopped us and said so: clear it, as Linux does, and forgive */
 		__atomic_fetch_and(&c->pv.flags, (u8)~PVCLOCK_GUEST_STOPPED, __ATOMIC_SEQ_CST);
 		print_ns(n, "stopped", now);
-		if (gap > limit) {
+		if (limit && gap > limit) {
 			struct line l;
 			l_init(&l, n, "forgiven");
 			l_kv(&l, "gap_ms", gap / NS_PER_MS);
 			l_emit(&l);
 		}
-	} else if (gap > limit) {
+	} else if (limit && gap > limit) {
 		struct line l;
 		l_init(&l, n, "softlockup");
 		l_kv(&l, "gap_ms", gap / NS_PER_MS);
@@ -739,37 +747,134 @@ static void start_aps(void)
 	}
 }
 
-/* With no PIT (QEMU's microvm): the TSC against the LAPIC timer, taking its
- * bus clock to be 1 GHz as KVM's and QEMU's are. */
-static u64 lapic_calibrate_tsc_khz(void)
+/* ---- calibration: the TSC's rate (no kvmclock) and the LAPIC timer's ---- */
+
+static u64 tsc_clock(void) { return rdtsc(); }
+
+/*
+ * One run of the LAPIC timer (one-shot from 0xffffffff, divide by 16)
+ * against a clock: each reading of the timer is bracketed by two readings of
+ * the clock, so that a vCPU held up by the host while reading it (the host
+ * can stop it at any instruction, for milliseconds when it is loaded) shows
+ * as a wide window instead of a wrong rate. The run lasts until the timer
+ * has counted min_counts and the clock has advanced min_clk. Returns 0 if the
+ * timer does not count down; else 1, with the clock's and the timer's
+ * advance and in *err the width of the two windows.
+ */
+static int lapic_run(u64 (*clk)(void), u64 min_counts, u64 min_clk, u64 *dclk, u64 *dcnt, u64 *err)
 {
-	const u32 per_ms = 1000000 / 16; /* divide by 16 */
 	lapic_timer_oneshot(0xffffffffu);
+	u64 a0 = clk();
 	u32 c0 = lapic_timer_current();
-	u64 t0 = rdtsc();
+	u64 b0 = clk();
+	u64 a1, b1;
 	u32 c1;
-	for (u32 spins = 0; c0 - (c1 = lapic_timer_current()) < 10 * per_ms; spins++)
-		if (spins > 50000000)
+	for (u32 spins = 0;; spins++) {
+		if (spins > 20000000) {
+			lapic_timer_stop();
 			return 0;
-	u64 t1 = rdtsc();
+		}
+		a1 = clk();
+		c1 = lapic_timer_current();
+		b1 = clk();
+		if (c0 - c1 >= min_counts && a1 - b0 >= min_clk)
+			break;
+	}
 	lapic_timer_stop();
-	return (t1 - t0) * per_ms / (c0 - c1);
+	*dclk = (a1 + (b1 - a1) / 2) - (a0 + (b0 - a0) / 2);
+	*dcnt = c0 - c1;
+	*err = (b0 - a0) + (b1 - a1);
+	return 1;
 }
 
-/* LAPIC timer counts per millisecond (divide by 16), measured on the clock. */
+/*
+ * The median over up to 5 runs whose windows are under 0.1% of the run (out
+ * of up to 16 runs) of dclk * scale / dcnt (inverse: dcnt * scale / dclk),
+ * keeping only values in [lo, hi]. 0 if fewer than 3 runs qualified.
+ */
+static u64 lapic_measure(u64 (*clk)(void), u64 min_counts, u64 min_clk, int inverse, u64 scale, u64 lo,
+			 u64 hi)
+{
+	u64 good[5];
+	int ngood = 0;
+	for (int i = 0; i < 16 && ngood < 5; i++) {
+		u64 dclk, dcnt, err;
+		if (!lapic_run(clk, min_counts, min_clk, &dclk, &dcnt, &err))
+			return 0; /* the timer does not count */
+		if (!dclk || !dcnt || err * 1000 >= dclk || dclk >> 40)
+			continue; /* (scale < 2^20: the products below fit) */
+		u64 v = inverse ? dcnt * scale / dclk : dclk * scale / dcnt;
+		if (v >= lo && v <= hi)
+			good[ngood++] = v;
+	}
+	return ngood >= 3 ? median_u64(good, ngood) : 0;
+}
+
+/* KVM's and QEMU's APIC bus clock is 1 GHz: the timer, divided by 16,
+ * counts this many per millisecond. */
+#define LAPIC_1GHZ_PER_MS (1000000ull / 16)
+
+/* With no PIT (QEMU's microvm): the TSC against the LAPIC timer, taking its
+ * bus clock to be 1 GHz. Runs of 20 ms of the timer. */
+static u64 lapic_calibrate_tsc_khz(void)
+{
+	return lapic_measure(tsc_clock, 20 * LAPIC_1GHZ_PER_MS, 0, 0, LAPIC_1GHZ_PER_MS, TSC_KHZ_MIN, TSC_KHZ_MAX);
+}
+
+/* LAPIC timer counts per millisecond (divide by 16), measured on the clock
+ * in runs of 20 ms; 0 if no plausible rate (a bus clock of 1 MHz to 10 GHz). */
 static u64 calibrate_lapic(void)
 {
-	lapic_timer_oneshot(0xffffffffu);
-	u64 t0 = now_ns();
-	u32 c0 = lapic_timer_current();
-	while (now_ns() - t0 < 20 * NS_PER_MS)
-		cpu_relax();
-	u32 c1 = lapic_timer_current();
-	u64 t1 = now_ns();
-	lapic_timer_stop();
-	u64 counts = c0 - c1;
-	u64 ns = t1 - t0;
-	return ns ? counts * NS_PER_MS / ns : 0;
+	return lapic_measure(now_ns, 0, 20 * NS_PER_MS, 1, NS_PER_MS, 1000 / 16, 10000000 / 16);
+}
+
+/*
+ * The TSC rate CPUID states, in kHz: leaf 0x15 (TSC/crystal ratio times the
+ * crystal's rate), else leaf 0x16 (the base frequency in MHz). Only Intel
+ * defines these leaves; each counts only if the CPU has it (above the
+ * maximum basic leaf a CPU repeats the last leaf's values), its fields are
+ * nonzero, and the rate is plausible. 0 otherwise.
+ */
+static u64 cpuid_tsc_khz(void)
+{
+	u32 r[4];
+	cpuid(0, 0, r);
+	u32 max = r[0];
+	if (r[1] != 0x756e6547 || r[3] != 0x49656e69 || r[2] != 0x6c65746e) /* GenuineIntel */
+		return 0;
+	u64 khz = 0;
+	if (max >= 0x15) {
+		cpuid(0x15, 0, r); /* EAX denominator, EBX numerator, ECX crystal Hz */
+		if (r[0] && r[1] && r[2])
+			khz = (u64)r[2] * r[1] / r[0] / 1000;
+	}
+	if ((khz < TSC_KHZ_MIN || khz > TSC_KHZ_MAX) && max >= 0x16) {
+		cpuid(0x16, 0, r); /* EAX[15:0] base MHz */
+		khz = (u64)(r[0] & 0xffff) * 1000;
+	}
+	return khz >= TSC_KHZ_MIN && khz <= TSC_KHZ_MAX ? khz : 0;
+}
+
+/*
+ * The TSC's rate: PIT channel 2, else what CPUID states, else the LAPIC
+ * timer (each measurement repeated, its median taken and bounded to 100 MHz
+ * .. 10 GHz). If all fail, 1 GHz is a guess ("guess"), and a clock that may
+ * run at any rate cannot tell a lockup: the watchdog is then off.
+ */
+static const char *calibrate_tsc(void)
+{
+	tsc_khz = pit_calibrate_tsc_khz();
+	if (tsc_khz)
+		return "pit";
+	tsc_khz = cpuid_tsc_khz();
+	if (tsc_khz)
+		return "cpuid";
+	for (int i = 0; i < 3 && !tsc_khz; i++)
+		tsc_khz = lapic_calibrate_tsc_khz();
+	if (tsc_khz)
+		return "lapic";
+	tsc_khz = 1000000;
+	return "guess";
 }
 
 /*
@@ -826,25 +931,9 @@ void kmain(int kind, u64 info)
 	use_kvmclock = detect_kvmclock() && opt.clock == 0;
 	const char *tsc_cal = 0;
 	if (!use_kvmclock) {
-		tsc_khz = pit_calibrate_tsc_khz();
-		tsc_cal = "pit";
-		if (!tsc_khz) {
-			u32 r[4];
-			cpuid(0, 0, r);
-			if (r[0] >= 0x16) {
-				cpuid(0x16, 0, r);
-				tsc_khz = (u64)(r[0] & 0xffff) * 1000;
-				tsc_cal = "cpuid";
-			}
-		}
-		if (!tsc_khz) {
-			tsc_khz = lapic_calibrate_tsc_khz();
-			tsc_cal = "lapic";
-		}
-		if (!tsc_khz) {
-			tsc_khz = 1000000;
-			tsc_cal = "guess";
-		}
+		tsc_cal = calibrate_tsc();
+		if (str_eq(tsc_cal, "guess"))
+			opt.watchdog_ms = 0; /* off: see calibrate_tsc */
 		tsc_mult = (NS_PER_MS << 32) / tsc_khz;
 		tsc_base = rdtsc();
 	}
@@ -853,7 +942,7 @@ void kmain(int kind, u64 info)
 
 	u64 per_ms = calibrate_lapic();
 	if (!per_ms)
-		per_ms = 1000000 / 16; /* KVM's and QEMU's APIC bus: 1 GHz */
+		per_ms = LAPIC_1GHZ_PER_MS;
 	u64 count = per_ms * opt.tick_ms;
 	timer_count = count > 0xffffffffull ? 0xffffffffu : (u32)count;
 

@@ -281,27 +281,31 @@ void pic_mask_all(void)
 /* ---- PIT channel 2: the TSC's rate, when there is no kvmclock ---- */
 
 /*
- * One 10 ms countdown of PIT channel 2 (mode 0), timed by the TSC. Returns
+ * One 20 ms countdown of PIT channel 2 (mode 0), timed by the TSC. Returns
  * the TSC rate in Hz, and in *err the width of the TSC windows in which the
  * countdown started and ended: an emulated CPU can be held up at any point,
  * and a run with wide windows tells nothing. 0 if the PIT never signals.
  */
-static u64 pit_10ms_in_tsc(u64 *err)
+#define PIT_HZ 1193182ull
+#define PIT_LATCH 23864u /* 20 ms */
+
+static u64 pit_run_in_tsc(u64 *err)
 {
-	const u32 latch = 11932; /* 10 ms at 1193182 Hz */
 	u8 v = inb(0x61);
 	if (v == 0xff)
 		return 0; /* no port 0x61: no PIT */
 	outb(0x61, (u8)((v & ~0x02) | 0x01)); /* gate 2 on, speaker off */
 	outb(0x43, 0xb0);                     /* channel 2, lobyte/hibyte, mode 0 */
-	outb(0x42, latch & 0xff);
+	outb(0x42, PIT_LATCH & 0xff);
 	u64 s0 = rdtsc();
-	outb(0x42, latch >> 8); /* counting starts here */
+	outb(0x42, PIT_LATCH >> 8); /* counting starts here */
 	u64 s1 = rdtsc();
 	u64 low = s1, a, b;
 	for (u32 spins = 0;; spins++) {
-		if (spins > 50000000)
+		if (spins > 50000000) {
+			outb(0x61, v);
 			return 0;
+		}
 		a = rdtsc();
 		u8 out = inb(0x61) & 0x20;
 		b = rdtsc();
@@ -316,24 +320,37 @@ static u64 pit_10ms_in_tsc(u64 *err)
 	outb(0x61, v);
 	*err = (s1 - s0) + (b - low);
 	u64 cycles = (low + b) / 2 - (s0 + s1) / 2;
-	return cycles * 1193182ull / latch;
+	return cycles * PIT_HZ / PIT_LATCH;
 }
 
-/* The run with the narrowest windows, out of up to 16 (most runs agree to
- * 0.1% at the first try; a loaded host can hold the vCPU up for several ms). */
+/*
+ * The TSC rate in kHz: the median of the first 5 runs whose windows are under
+ * 0.1% of the run and whose rate is plausible, out of up to 24 (most runs
+ * qualify; a loaded host can hold the vCPU up for several ms at any point).
+ * Failing that, the narrowest plausible run if its windows are under 1%.
+ * 0 if there is no PIT or no run could be trusted.
+ */
 u64 pit_calibrate_tsc_khz(void)
 {
-	u64 best = 0, best_err = ~0ull;
-	for (int i = 0; i < 16; i++) {
-		u64 err, hz = pit_10ms_in_tsc(&err);
+	u64 good[5], best = 0, best_err = ~0ull;
+	int ngood = 0;
+	for (int i = 0; i < 24 && ngood < 5; i++) {
+		u64 err = 0, hz = pit_run_in_tsc(&err);
 		if (!hz)
-			return 0;
+			break; /* no PIT, or it stopped counting */
+		u64 khz = hz / 1000, cycles = hz * PIT_LATCH / PIT_HZ;
+		if (khz < TSC_KHZ_MIN || khz > TSC_KHZ_MAX)
+			continue;
+		if (err * 1000 < cycles)
+			good[ngood++] = khz;
 		if (err < best_err) {
-			best = hz;
+			best = khz;
 			best_err = err;
 		}
-		if (best_err * 1000 < best / 100) /* windows under 0.1% of 10 ms */
-			break;
 	}
-	return best / 1000;
+	if (ngood)
+		return median_u64(good, ngood);
+	if (best && best_err * 100 < best * 20) /* 1% of 20 ms, in kHz units */
+		return best;
+	return 0;
 }

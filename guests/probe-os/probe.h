@@ -87,6 +87,7 @@ size_t strlen(const char *s);
 int str_eq(const char *a, const char *b);
 int str_starts(const char *s, const char *prefix);
 u64 parse_u64(const char *s, const char **end);
+u64 median_u64(u64 *v, int n); /* sorts v[0..n) in place; 0 if n == 0 */
 
 struct line {
 	char buf[200];
@@ -184,6 +185,9 @@ void lapic_timer_stop(void);
 int lapic_send_ipi(u32 apic_id, u32 icr_low);
 void ioapic_route_serial(u32 dest_apic, u8 vector);
 void pic_mask_all(void);
+/* A TSC rate outside these is a failed calibration, never a clock to run on. */
+#define TSC_KHZ_MIN 100000ull    /* 100 MHz */
+#define TSC_KHZ_MAX 10000000ull  /* 10 GHz */
 u64 pit_calibrate_tsc_khz(void);
 
 #endif

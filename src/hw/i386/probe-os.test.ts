@@ -242,8 +242,12 @@ interface Boot {
   entry: 'pvh' | 'linux64';
   tables: 'acpi' | 'mptable';
   timer: 'lapic' | 'poll';
+  /** How the TSC's rate is found: PIT channel 2, or the LAPIC timer where there is no PIT. */
+  tscCal: 'pit' | 'lapic';
   /** SIGSTOP QEMU this long and expect the watchdog to report it. */
   stallMs?: number;
+  /** Expect no softlockup line at all (the boot is not stalled). */
+  noLockups?: boolean;
 }
 
 const BOOTS: Boot[] = [
@@ -255,6 +259,7 @@ const BOOTS: Boot[] = [
     entry: 'pvh',
     tables: 'acpi',
     timer: 'lapic',
+    tscCal: 'pit',
     stallMs: 1500,
   },
   {
@@ -268,21 +273,46 @@ const BOOTS: Boot[] = [
     entry: 'linux64',
     tables: 'mptable',
     timer: 'poll',
+    tscCal: 'pit',
   },
-  { cpus: 4, machine: 'q35', smp: '4', append: '', entry: 'pvh', tables: 'acpi', timer: 'lapic' },
-  // no PIT there: the TSC is calibrated against the LAPIC timer
   {
     cpus: 4,
-    machine: 'microvm',
+    machine: 'q35',
     smp: '4',
     append: '',
     entry: 'pvh',
     tables: 'acpi',
     timer: 'lapic',
+    tscCal: 'pit',
+  },
+  // no PIT there: the TSC is calibrated against the LAPIC timer. A failed
+  // calibration (once tsc_khz=11 on a loaded host) made every tick a soft
+  // lockup of hours; the watchdog is set to 5 s so that only such nonsense,
+  // not a host that holds QEMU up for a second, fails the boot.
+  {
+    cpus: 4,
+    machine: 'microvm',
+    smp: '4',
+    append: 'probe.watchdog_ms=5000',
+    entry: 'pvh',
+    tables: 'acpi',
+    timer: 'lapic',
+    tscCal: 'lapic',
+    noLockups: true,
   },
 ];
 
 const DIRTY_MB = 2;
+
+/** The TSC rates the probe OS accepts from a calibration (100 MHz .. 10 GHz). */
+const TSC_KHZ_MIN = 100_000;
+const TSC_KHZ_MAX = 10_000_000;
+
+/**
+ * The TSC rate of the first boot calibrated on the PIT. Under TCG every
+ * machine's TSC is the host's, so a rate calibrated otherwise must agree.
+ */
+let pitTscKhz: number | undefined;
 
 async function bootUnderTcg(t: TestContext, b: Boot): Promise<void> {
   const started = Date.now();
@@ -322,6 +352,22 @@ async function bootUnderTcg(t: TestContext, b: Boot): Promise<void> {
     assert.equal(boot.kv.get('cpus'), String(n));
     assert.equal(boot.kv.get('tables'), b.tables);
     assert.equal(boot.kv.get('timer'), b.timer);
+    // a calibrated TSC: not a guess, and a rate a CPU can have (a failed
+    // calibration once gave tsc_khz=11, and a soft lockup on every tick)
+    const tscKhz = Number(boot.kv.get('tsc_khz'));
+    assert.ok(
+      tscKhz >= TSC_KHZ_MIN && tscKhz <= TSC_KHZ_MAX,
+      `tsc_khz=${boot.kv.get('tsc_khz')} is within 100 MHz .. 10 GHz\n${guest.transcript()}`,
+    );
+    assert.equal(boot.kv.get('tsc_cal'), b.tscCal, `the TSC calibrated by ${b.tscCal}`);
+    if (b.tscCal === 'pit') pitTscKhz ??= tscKhz;
+    else if (pitTscKhz !== undefined)
+      assert.ok(
+        Math.abs(tscKhz - pitTscKhz) <= pitTscKhz * 0.05,
+        `tsc_khz=${tscKhz} (${b.tscCal}) agrees within 5% with ${pitTscKhz} (pit)`,
+      );
+    const watchdogMs = /probe\.watchdog_ms=(\d+)/.exec(b.append)?.[1] ?? '1000';
+    assert.equal(boot.kv.get('watchdog_ms'), watchdogMs, 'the watchdog is on');
     const ready = events(lines, 'ready');
     assert.deepEqual(ready.map((p) => p.cpu).sort(), cpuIds, 'each CPU says ready once');
     for (const r of ready) {
@@ -379,6 +425,12 @@ async function bootUnderTcg(t: TestContext, b: Boot): Promise<void> {
       .filter((l) => / (exception|backwards|nmi|unexpected|ap-timeout|ignored|unknown) /.test(l));
     assert.deepEqual(bad, [], `no exception, backwards clock or failed CPU\n${guest.transcript()}`);
     const lockups = events(guest.probeLines(), 'softlockup').length - (b.stallMs ? 1 : 0);
+    if (b.noLockups)
+      assert.deepEqual(
+        events(guest.probeLines(), 'softlockup'),
+        [],
+        `no softlockup line on an unstalled boot\n${guest.transcript()}`,
+      );
     t.diagnostic(
       `-M ${b.machine} -smp ${b.smp}: ready (all ${n}) after ${readyMs} ms, ` +
         `done after ${Date.now() - started} ms; ` +
