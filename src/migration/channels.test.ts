@@ -37,8 +37,8 @@ function save(m: FixtureMachine) {
     });
 }
 
-async function loadFrom(uri: string, dst: FixtureMachine) {
-  const ch = await openIncoming(uri);
+/** Loads the stream of an opened incoming channel into `dst`, then closes the channel. */
+async function loadInto(ch: Awaited<ReturnType<typeof openIncoming>>, dst: FixtureMachine) {
   try {
     return await loadVmState({
       source: ch.source,
@@ -50,6 +50,15 @@ async function loadFrom(uri: string, dst: FixtureMachine) {
   } finally {
     await ch.close();
   }
+}
+
+async function loadFrom(uri: string, dst: FixtureMachine) {
+  return loadInto(await openIncoming(uri), dst);
+}
+
+/** Accepts one connection on a listening endpoint and loads its stream into `dst`. */
+async function receiveInto(ep: Awaited<ReturnType<typeof listenIncoming>>, dst: FixtureMachine) {
+  return loadInto(await ep.accept(), dst);
 }
 
 function assertLoaded(dst: FixtureMachine, src: FixtureMachine): void {
@@ -245,20 +254,7 @@ describe('socket channels', () => {
     const ep = await listenIncoming(`unix:${sock}`);
     const src = fixtureMachine(true, { ramPages: 256 });
     const dst = fixtureMachine(false, { ramPages: 256 });
-    const receive = (async () => {
-      const ch = await ep.accept();
-      try {
-        await loadVmState({
-          source: ch.source,
-          machineType: MACHINE,
-          vcpus: 2,
-          ram: dst.ram,
-          devices: dst.devices,
-        });
-      } finally {
-        await ch.close();
-      }
-    })();
+    const receive = receiveInto(ep, dst);
     await withOutgoing(`unix:${sock}`, save(src));
     await receive;
     await ep.close();
@@ -275,20 +271,7 @@ describe('socket channels', () => {
     const dst = fixtureMachine(false, { ramPages: 256 });
     const [, res] = await Promise.all([
       withOutgoing(`tcp:127.0.0.1:${port}`, save(src)),
-      (async () => {
-        const ch = await ep.accept();
-        try {
-          return await loadVmState({
-            source: ch.source,
-            machineType: MACHINE,
-            vcpus: 2,
-            ram: dst.ram,
-            devices: dst.devices,
-          });
-        } finally {
-          await ch.close();
-        }
-      })(),
+      receiveInto(ep, dst),
     ]);
     await ep.close();
     assertLoaded(dst, src);
