@@ -6,6 +6,7 @@
  * block whose first 3.5 GiB are slot 0 and the rest slot 1, and the
  * stream's block list does not depend on where the PCI hole is.
  */
+import { viewNative } from '../accel/kvm/ffi.js';
 import type { GuestMemory } from '../accel/kvm/memory/guest-memory.js';
 import { type Pagemap, processPagemap } from '../util/pagemap.js';
 import { PAGE_SIZE, type RamAccessor, type RamBlock } from './ram.js';
@@ -108,6 +109,13 @@ export function guestMemoryRam(memory: GuestRam, options: GuestMemoryRamOptions 
       walk(offset, bytes.length, (gpa, at, n) => memory.write(gpa, bytes.subarray(at, at + n)));
     },
   };
+  const result: RamAccessor = { blocks: total > 0 ? [block] : [] };
+  if (mapped && (options.pagemap === undefined || options.pagemap === null)) {
+    nativeLayouts.set(result, {
+      slots: pieces.map(({ gpa, size, hostAddr }) => ({ gpa, size, hostAddr })),
+      pagemap: options.pagemap === undefined,
+    });
+  }
   if (pagemap && mapped) {
     block.unpopulatedPages = (firstPage, count) => {
       const out = new Uint8Array(count);
@@ -124,7 +132,54 @@ export function guestMemoryRam(memory: GuestRam, options: GuestMemoryRamOptions 
       return ok ? out : undefined;
     };
   }
-  return { blocks: total > 0 ? [block] : [] };
+  return result;
+}
+
+/**
+ * Where the RAM of a {@link guestMemoryRam} accessor lies in this process,
+ * as plain data another thread can use ({@link nativeGuestRam}).
+ */
+export interface NativeRamLayout {
+  readonly slots: readonly { gpa: number; size: number; hostAddr: bigint }[];
+  /** Whether the accessor asks this process's pagemap about unpopulated pages. */
+  readonly pagemap: boolean;
+}
+
+const nativeLayouts = new WeakMap<RamAccessor, NativeRamLayout>();
+
+/**
+ * The layout of `ram` when it is a guestMemoryRam accessor over mapped
+ * memory (with the default or no pagemap), else undefined (buffers, a
+ * test's own pagemap): then only this thread can read it.
+ */
+export function nativeRamLayout(ram: RamAccessor): NativeRamLayout | undefined {
+  return nativeLayouts.get(ram);
+}
+
+/**
+ * The same RAM in another thread of this process: a RamAccessor equal to
+ * the one `layout` was taken from, reading through viewNative. Read-only.
+ */
+export function nativeGuestRam(layout: NativeRamLayout): RamAccessor {
+  const slots = layout.slots.map((s, i) => ({ ...s, slot: i, hostOffset: 0 }));
+  const find = (gpa: number, len: number) => {
+    const s = slots.find((x) => gpa >= x.gpa && gpa + len <= x.gpa + x.size);
+    if (!s) throw new RangeError(`guest RAM: ${len} bytes at 0x${gpa.toString(16)} not in a slot`);
+    return s;
+  };
+  const memory: GuestRam = {
+    slots,
+    view(gpa, length) {
+      const g = Number(gpa);
+      const s = find(g, length);
+      if (length === 0) return new Uint8Array(0);
+      return viewNative(s.hostAddr + BigInt(g - s.gpa), length);
+    },
+    write() {
+      throw new Error('guest RAM is read-only on the migration thread');
+    },
+  };
+  return guestMemoryRam(memory, { pagemap: layout.pagemap ? undefined : null });
 }
 
 /** The block offset of guest-physical `gpa` (undefined outside RAM), for turning dirty-log bits into pages. */

@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import type { CpuSavedState } from '../accel/kvm/cpu-state.js';
 import { CPU_MSRS } from '../accel/kvm/cpu-state.js';
+import { GuestMemory } from '../accel/kvm/memory/guest-memory.js';
 import type { KvmIrqchip, KvmPitState2 } from '../accel/kvm/structs/vm.js';
 import { createSerialState, Serial16550, UART_SCR } from '../hw/char/serial.js';
 import type { IrqchipVm } from '../hw/i386/irqchip-vmstate.js';
@@ -24,6 +26,7 @@ import { BottomHalf } from '../system/main-loop.js';
 import { RecordingCpus } from '../system/recording-cpus.js';
 import { type RunState, RunStateMachine } from '../system/runstate.js';
 import { captureTrace } from '../trace/capture.js';
+import { guestMemoryRam } from './guest-memory-ram.js';
 import {
   type DirtyLog,
   MachineMigration,
@@ -126,6 +129,8 @@ interface HarnessOptions {
   dirtyLog?: DirtyLog;
   /** Where the progress line goes (none by default). */
   progress?: ProgressStream;
+  /** Guest RAM in a GuestMemory mapping (its content: `ram`'s at start): the migration thread is a worker. */
+  mapped?: GuestMemory;
 }
 
 function harness(o: HarnessOptions = {}) {
@@ -205,11 +210,12 @@ function harness(o: HarnessOptions = {}) {
     const mem = ram.memory.get('pc.ram')!;
     for (let i = 0; i < mem.length; i += 997) mem[i] = (i / 997) & 0xff;
   }
+  if (o.mapped) o.mapped.write(0, ram.memory.get('pc.ram')!);
   const bhs: string[] = [];
   const host: MigrationHost = {
     machineType: 'pc',
     vcpus: n,
-    ram,
+    ram: o.mapped ? guestMemoryRam(o.mapped) : ram,
     devices: x86MigrationDevices({ vm, cpus, kvmclock, serialState }),
     lifecycle,
     scheduleBottomHalf: (name, fn) => {
@@ -577,5 +583,135 @@ describe('MachineMigration precopy with a dirty log (recording vCPU double)', ()
     await pipe.migration.whenIdle();
     assert.equal(pipe.migration.status, 'completed');
     assert.deepEqual(quiet, []);
+  });
+});
+
+/** Threads of this process (the migration thread is one while it runs). */
+const threads = () => readdirSync('/proc/self/task').length;
+
+describe('MachineMigration with RAM in a GuestMemory mapping: the RAM passes run on a worker', () => {
+  let dir: string;
+  let mem: GuestMemory;
+  beforeEach(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'tsvmm-mapped-'));
+    mem = GuestMemory.create(4096 * PAGE_SIZE, { layout: 'flat' });
+    // Start libuv's thread pool before counting threads.
+    await readFile('/proc/self/stat');
+  });
+  afterEach(() => {
+    mem.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Runs `fn` and returns the most threads seen while it ran. */
+  async function sampleThreads(fn: () => Promise<void>): Promise<number> {
+    let most = threads();
+    const timer = setInterval(() => {
+      most = Math.max(most, threads());
+    }, 2);
+    try {
+      await fn();
+    } finally {
+      clearInterval(timer);
+    }
+    return most;
+  }
+
+  test('the file is byte for byte the one saved from the main thread; kvmclock stops on thread migration; the worker ends', async () => {
+    const before = threads();
+    const old = harness({ seed: true, pages: 4096 });
+    await old.lifecycle.vmStart();
+    const oldPath = join(dir, 'old.state');
+    await old.migration.migrate(`file:${oldPath}`);
+    await old.migration.whenIdle();
+    assert.equal(old.migration.status, 'completed');
+    assert.equal(threads(), before, 'no worker for RAM in buffers');
+
+    const src = harness({ seed: true, pages: 4096, mapped: mem });
+    await src.lifecycle.vmStart();
+    const path = join(dir, 'vm.state');
+    let most = 0;
+    const trace = await captureTrace(['kvmclock_vm_state_change'], async () => {
+      most = await sampleThreads(async () => {
+        await src.migration.migrate(`file:${path}`);
+        await src.migration.whenIdle();
+      });
+    });
+    assert.equal(src.migration.status, 'completed', JSON.stringify(src.migration.queryMigrate()));
+    assert.equal(src.lifecycle.runstate.current, 'postmigrate');
+    assert.deepEqual(statuses(src.events), ['setup', 'active', 'pass 1', 'completed']);
+    assert.ok(most > before, `a migration thread ran (${most} threads, ${before} before)`);
+    assert.equal(threads(), before, 'the migration thread has ended');
+    assert.equal(trace.length, 1);
+    assert.match(trace[0]!, /running=0 state=finish-migrate thread=migration$/);
+    const a = readFileSync(oldPath);
+    const b = readFileSync(path);
+    assert.ok(a.length > 4096 * 9, `a real stream (${a.length} bytes)`);
+    assert.ok(a.equals(b), 'the same stream from the worker as from the main thread');
+
+    // And it loads into a machine with the same RAM.
+    const dst = harness({ pages: 4096 });
+    await dst.migration.startIncoming(`file:${path}`);
+    await until('the load', () => dst.migration.status === 'completed');
+    assert.ok(
+      Buffer.from(dst.ram.memory.get('pc.ram')!).equals(Buffer.from(old.ram.memory.get('pc.ram')!)),
+    );
+  });
+
+  test('a dead pipe fails the migration and resumes the VM; a cancel cancels it; the worker ends each time', async () => {
+    const before = threads();
+    const src = harness({ seed: true, pages: 4096, mapped: mem });
+    await src.lifecycle.vmStart();
+    await src.migration.migrate('exec:false');
+    await src.migration.whenIdle();
+    assert.deepEqual(statuses(src.events), ['setup', 'active', 'pass 1', 'failed']);
+    assert.match(String(src.migration.queryMigrate()['error-desc']), /.+/);
+    assert.equal(src.lifecycle.runstate.current, 'running');
+    assert.equal(threads(), before, 'the migration thread has ended after the failure');
+
+    const other = harness({ seed: true, pages: 4096, mapped: mem });
+    await other.lifecycle.vmStart();
+    await other.migration.migrate('exec:sleep 30');
+    await until('the completion stop', () => other.lifecycle.runstate.current === 'finish-migrate');
+    await new Promise((r) => setTimeout(r, 50));
+    await other.migration.cancel();
+    await other.migration.whenIdle();
+    assert.deepEqual(statuses(other.events), [
+      'setup',
+      'active',
+      'pass 1',
+      'cancelling',
+      'cancelled',
+    ]);
+    assert.equal(other.lifecycle.runstate.current, 'running');
+    assert.equal(threads(), before, 'the migration thread has ended after the cancel');
+  });
+
+  test('precopy from the worker while the guest writes: the copy is exact, the main loop keeps ticking', async () => {
+    const before = threads();
+    const guest = new WritingGuest();
+    const src = harness({ seed: true, pages: 4096, dirtyLog: guest, mapped: mem });
+    const dst = harness({ pages: 4096 });
+    const view = mem.view(0, 4096 * PAGE_SIZE);
+    await src.lifecycle.vmStart();
+    guest.run(view, () => src.lifecycle.runstate.current === 'running');
+    let ticks = 0;
+    const ticker = setInterval(() => ticks++, 1);
+    try {
+      const sock = join(dir, 'mig.sock');
+      await dst.migration.startIncoming(`unix:${sock}`);
+      src.migration.setParameters({ 'downtime-limit': 300, 'max-bandwidth': 32 << 20 });
+      await src.migration.migrate(`unix:${sock}`);
+      await src.migration.whenIdle();
+      await until('the destination to complete', () => dst.migration.status === 'completed');
+    } finally {
+      guest.end();
+      clearInterval(ticker);
+    }
+    assert.equal(src.migration.status, 'completed', JSON.stringify(src.migration.queryMigrate()));
+    assert.ok(guest.written > 50, `the guest wrote while RAM went out (${guest.written} pages)`);
+    assert.ok(ticks > 50, `the main loop ran timers during the passes (${ticks})`);
+    assert.ok(Buffer.from(dst.ram.memory.get('pc.ram')!).equals(Buffer.from(view)), 'RAM equal');
+    assert.equal(threads(), before);
   });
 });

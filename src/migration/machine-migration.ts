@@ -20,9 +20,16 @@
  * measured rate, and the rest after the stop.
  *
  * The outgoing side is an async task on the main thread that traces as
- * thread `migration` (withTraceThreadName). Its work is I/O-bound writes
- * and page copies; the page copying could move to a worker later without
- * changing this interface.
+ * thread `migration` (withTraceThreadName): the lifecycle lives there, so
+ * the completion's stop and the device capture run there. When guest RAM
+ * is mapped memory (guestMemoryRam over GuestMemory), the stream's writer
+ * runs on a worker thread, the migration thread (migration-worker.ts),
+ * which reads, checks and encodes RAM for every pass and hands the bytes
+ * back to be written to the channel here (WorkerStreamWriter), so the main
+ * loop stays responsive during the passes; the device sections are
+ * encoded here at completion and appended there. RAM in buffers (test
+ * doubles) is written from the main thread. The worker is ended whatever
+ * the outcome.
  *
  * Incoming: run state inmigrate; the stream is loaded and verified in full
  * (checksums, shape, every device) before any device state is applied;
@@ -49,8 +56,10 @@ import {
   parseMigrationUri,
 } from './channels.js';
 import { MigrationChannelError } from './errors.js';
+import { nativeRamLayout } from './guest-memory-ram.js';
 import type { ByteSink } from './qemu-file.js';
 import { PAGE_SIZE, type RamAccessor, type RamPageSelection, ramTotal } from './ram.js';
+import { WorkerStreamWriter } from './ram-worker.js';
 import {
   type MigrationEvent,
   MigrationStateMachine,
@@ -201,6 +210,9 @@ function describe(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
+/** The stream writer of an outgoing migration: MigrationStreamWriter here, or on the migration thread. */
+type OutgoingWriter = Pick<MigrationStreamWriter, 'stats' | 'begin' | 'sendRam' | 'complete'>;
+
 /** One outgoing migration's mutable state, shared by its task and migrate_cancel. */
 interface OutgoingJob {
   cancelled: boolean;
@@ -325,6 +337,7 @@ export class MachineMigration implements MigrationControl {
     const { lifecycle } = host;
     let stoppedFrom: RunState | undefined;
     let dirtyLogging = false;
+    let worker: WorkerStreamWriter | undefined;
     const progress = this.progressReporter();
     traceThread.emit({ phase: 'start' });
     try {
@@ -339,13 +352,19 @@ export class MachineMigration implements MigrationControl {
       );
       job.sink = sink;
       sink.cancelled = job.cancelled;
-      const writer = new MigrationStreamWriter({
+      const shape = {
         sink,
         machineType: host.machineType,
         vcpus: host.vcpus,
-        ram: host.ram,
         devices: host.devices.map((d) => d.section),
-      });
+      };
+      // RAM other threads can view is read, encoded and checksummed on the
+      // migration thread (a worker); RAM in buffers, here.
+      const layout = nativeRamLayout(host.ram);
+      const writer: OutgoingWriter = layout
+        ? new WorkerStreamWriter({ ...shape, ram: layout })
+        : new MigrationStreamWriter({ ...shape, ram: host.ram });
+      if (writer instanceof WorkerStreamWriter) worker = writer;
       progress.start(writer, sink);
       await writer.begin();
       this.state.activate();
@@ -406,6 +425,7 @@ export class MachineMigration implements MigrationControl {
       }
       await this.resumeAfterFailure(stoppedFrom);
     } finally {
+      await worker?.close().catch(() => undefined);
       if (dirtyLogging) await Promise.resolve(host.dirtyLog?.stop()).catch(() => undefined);
     }
   }
@@ -417,7 +437,7 @@ export class MachineMigration implements MigrationControl {
    */
   private async precopy(
     job: OutgoingJob,
-    writer: MigrationStreamWriter,
+    writer: OutgoingWriter,
     sink: ControlledSink,
     progress: ProgressReporter,
   ): Promise<readonly RamPageSelection[]> {
@@ -602,7 +622,7 @@ class ProgressReporter {
   private shown = false;
   private passPages = 0;
   private passStartPages = 0;
-  private writer: MigrationStreamWriter | undefined;
+  private writer: OutgoingWriter | undefined;
   private sink: ControlledSink | undefined;
 
   constructor(
@@ -611,7 +631,7 @@ class ProgressReporter {
     private readonly now: () => number,
   ) {}
 
-  start(writer: MigrationStreamWriter, sink: ControlledSink): void {
+  start(writer: OutgoingWriter, sink: ControlledSink): void {
     this.writer = writer;
     this.sink = sink;
     this.startedAt = this.now();

@@ -271,6 +271,37 @@ export function encodeVmdesc(json: VMDesc): Buffer {
 
 // ------------------------------------------------------------------ saving
 
+/**
+ * A device's section body (its saveVMState bytes) and vmdesc entry,
+ * encoded on the thread that owns the device, for a writer on another
+ * thread ({@link MigrationStreamWriter.complete}): plain data.
+ */
+export interface EncodedDeviceSection {
+  readonly idstr: string;
+  readonly instanceId: number;
+  readonly version: number;
+  readonly body: Uint8Array;
+  readonly desc: VMDescState;
+}
+
+/** Encodes a device's state as {@link MigrationStreamWriter.complete} would write it. */
+export async function encodeDeviceSection(d: DeviceSection): Promise<EncodedDeviceSection> {
+  const parts: Uint8Array[] = [];
+  const w = new StreamWriter({ write: (b) => void parts.push(b.slice()) });
+  const desc = saveVMState(w, d.vmsd, d.state);
+  await w.flush();
+  const body = new Uint8Array(Buffer.concat(parts));
+  return { idstr: d.idstr, instanceId: d.instanceId, version: d.vmsd.version, body, desc };
+}
+
+/**
+ * The stand-in of a device for a writer on another thread, which gets the
+ * device's bytes from {@link encodeDeviceSection} at completion.
+ */
+export function deviceStub(idstr: string, instanceId: number, version: number): DeviceSection {
+  return { idstr, instanceId, vmsd: { name: idstr, version, fields: [] }, state: {} };
+}
+
 /** Options of {@link MigrationStreamWriter}. */
 export interface StreamWriterOptions extends MachineShape {
   readonly sink: ByteSink;
@@ -455,7 +486,10 @@ export class MigrationStreamWriter {
    * the RAM END section, every device's state, the stream-end record, EOF
    * and the vmdesc JSON; then everything is flushed to the sink.
    */
-  async complete(selection?: readonly RamPageSelection[]): Promise<StreamStats> {
+  async complete(
+    selection?: readonly RamPageSelection[],
+    encoded?: readonly EncodedDeviceSection[],
+  ): Promise<StreamStats> {
     if (selection) await this.sendRam(selection);
     if (this.phase !== 'ram') throw new Error('complete() needs begin() first, once');
     const { w, opts } = this;
@@ -464,9 +498,24 @@ export class MigrationStreamWriter {
     await this.endSection(this.ramId);
 
     let id = 2;
-    for (const d of opts.devices) {
-      const desc = await this.fullSection(id++, d.idstr, d.instanceId, d.vmsd, d.state);
-      this.descs.push({ name: d.idstr, instance_id: d.instanceId, ...desc });
+    if (encoded) {
+      if (encoded.length !== opts.devices.length) {
+        throw new RangeError(
+          `complete(): ${encoded.length} encoded device sections for ${opts.devices.length} devices`,
+        );
+      }
+      for (const e of encoded) {
+        const sid = id++;
+        this.header(QEMU_VM_SECTION_FULL, sid, e.idstr, e.instanceId, e.version);
+        w.bytes(e.body);
+        await this.endSection(sid);
+        this.descs.push({ name: e.idstr, instance_id: e.instanceId, ...e.desc });
+      }
+    } else {
+      for (const d of opts.devices) {
+        const desc = await this.fullSection(id++, d.idstr, d.instanceId, d.vmsd, d.state);
+        this.descs.push({ name: d.idstr, instance_id: d.instanceId, ...desc });
+      }
     }
 
     const json: VMDesc = {

@@ -118,10 +118,10 @@ const logicalThread = new AsyncLocalStorage<string>();
 /**
  * Runs `fn`, and every callback and promise continuation it starts, as
  * the logical thread `name`: their trace records carry `thread=<name>`
- * instead of this thread's own name. The outgoing migration runs as
- * `migration` this way: QEMU's migration thread, here an async task on the
- * main thread (RAM copying could move to a worker later; the name would
- * then stay true).
+ * instead of this thread's own name. The outgoing migration's steps on
+ * the main thread (its completion: the stop into finish-migrate and the
+ * device capture, which need the lifecycle) are traced as `migration` this
+ * way, like the RAM passes its worker thread (migration-worker.ts) runs.
  */
 export function withTraceThreadName<T>(name: string, fn: () => T): T {
   return logicalThread.run(name, fn);

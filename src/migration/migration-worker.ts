@@ -1,0 +1,96 @@
+/**
+ * The migration thread: a worker that owns the outgoing stream's writer
+ * ({@link MigrationStreamWriter}) for a migration whose RAM another thread
+ * can view (guestMemoryRam over mapped guest memory). It reads, checks and
+ * encodes RAM here, off the main thread, and hands each full chunk of the
+ * stream to the main thread, which writes it to the channel and answers;
+ * the device sections come from the main thread, encoded, at completion.
+ * Its only inputs are plain data: see {@link MigrationWorkerData} and
+ * {@link ToWorker}; {@link WorkerStreamWriter} is the main thread's side.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { installTraceConfig } from '../trace/control.js';
+import { nativeGuestRam } from './guest-memory-ram.js';
+import type { ByteSink } from './qemu-file.js';
+import type { RamPageSelection } from './ram.js';
+import type {
+  MigrationWorkerData,
+  ToMain,
+  ToWorker,
+  WireSelection,
+  WorkerCommand,
+} from './ram-worker.js';
+import { deviceStub, MigrationStreamWriter, type StreamStats } from './stream.js';
+
+const port = parentPort;
+if (!port) throw new Error('migration-worker.js runs only as a worker thread');
+const data = workerData as MigrationWorkerData;
+installTraceConfig(data.trace, 'migration');
+
+let writer: MigrationStreamWriter | undefined;
+let nextWrite = 1;
+const waiting = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
+
+const post = (m: ToMain, transfer?: ArrayBuffer[]) => port.postMessage(m, transfer);
+
+function stats(): StreamStats {
+  return writer ? writer.stats : { bytes: 0, normalPages: 0, zeroPages: 0 };
+}
+
+/** Every chunk goes to the main thread; the write is done once it answers. */
+const sink: ByteSink = {
+  write(buf: Uint8Array): Promise<void> {
+    const id = nextWrite++;
+    // The writer reuses `buf` once the write is done: send a copy.
+    const copy = buf.slice();
+    return new Promise<void>((resolve, reject) => {
+      waiting.set(id, { resolve, reject });
+      post({ type: 'write', id, buf: copy, stats: stats() }, [copy.buffer as ArrayBuffer]);
+    });
+  },
+};
+
+function selection(sel: readonly WireSelection[] | undefined): RamPageSelection[] | undefined {
+  return sel?.map((s) => ({ block: s.block, pages: s.pages }));
+}
+
+async function run(m: WorkerCommand): Promise<StreamStats> {
+  if (m.op === 'begin') {
+    writer = new MigrationStreamWriter({
+      sink,
+      machineType: data.machineType,
+      vcpus: data.vcpus,
+      ram: nativeGuestRam(data.ram),
+      devices: data.devices.map((d) => deviceStub(d.idstr, d.instanceId, d.version)),
+      ...(data.chunkPages !== undefined ? { chunkPages: data.chunkPages } : {}),
+    });
+    await writer.begin();
+    return writer.stats;
+  }
+  if (!writer) throw new Error(`${m.op} before begin`);
+  if (m.op === 'sendRam') {
+    await writer.sendRam(selection(m.selection));
+    return writer.stats;
+  }
+  return writer.complete(selection(m.selection), m.devices);
+}
+
+port.on('message', (m: ToWorker) => {
+  if (m.op === 'ack' || m.op === 'nack') {
+    const w = waiting.get(m.id);
+    waiting.delete(m.id);
+    if (m.op === 'ack') w?.resolve();
+    else w?.reject(new Error(m.message));
+    return;
+  }
+  run(m).then(
+    (s) => post({ type: 'done', seq: m.seq, stats: s }),
+    (err: unknown) =>
+      post({
+        type: 'error',
+        seq: m.seq,
+        message: err instanceof Error ? err.message : String(err),
+        stats: stats(),
+      }),
+  );
+});

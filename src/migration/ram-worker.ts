@@ -1,0 +1,206 @@
+/**
+ * The main thread's side of the migration thread (migration-worker.ts):
+ * {@link WorkerStreamWriter} has the interface of MigrationStreamWriter
+ * (begin, sendRam, complete, stats) but the writer, and so the running
+ * offsets and checksums of the stream, live in the worker, which reads
+ * guest RAM through the slots' host addresses. The worker sends each
+ * chunk of the stream here, where it goes to the channel's sink (its
+ * bandwidth limit, cancel and errors stay as they are), and is answered.
+ * The stream is byte for byte the one MigrationStreamWriter writes here.
+ */
+import { Worker } from 'node:worker_threads';
+import { currentTraceConfig, type TraceConfig } from '../trace/control.js';
+import type { NativeRamLayout } from './guest-memory-ram.js';
+import type { ByteSink } from './qemu-file.js';
+import type { RamPageSelection } from './ram.js';
+import {
+  type DeviceSection,
+  type EncodedDeviceSection,
+  encodeDeviceSection,
+  type StreamStats,
+} from './stream.js';
+
+/** The worker's workerData: plain data only. */
+export interface MigrationWorkerData {
+  readonly trace: TraceConfig;
+  readonly machineType: string;
+  readonly vcpus: number;
+  readonly ram: NativeRamLayout;
+  readonly devices: readonly { idstr: string; instanceId: number; version: number }[];
+  readonly chunkPages?: number;
+}
+
+/** A page selection as sent to the worker. */
+export interface WireSelection {
+  readonly block: string;
+  readonly pages: Float64Array;
+}
+
+/** A command to the worker; each is answered by one `done` or `error`. */
+export type WorkerCommand =
+  | { op: 'begin'; seq: number }
+  | { op: 'sendRam'; seq: number; selection?: WireSelection[] }
+  | {
+      op: 'complete';
+      seq: number;
+      selection?: WireSelection[];
+      devices: EncodedDeviceSection[];
+    };
+
+/** Messages to the worker. */
+export type ToWorker =
+  | WorkerCommand
+  | { op: 'ack'; id: number }
+  | { op: 'nack'; id: number; message: string };
+
+/** Messages from the worker. */
+export type ToMain =
+  | { type: 'write'; id: number; buf: Uint8Array; stats: StreamStats }
+  | { type: 'done'; seq: number; stats: StreamStats }
+  | { type: 'error'; seq: number; message: string; stats: StreamStats };
+
+/** Options of {@link WorkerStreamWriter}. */
+export interface WorkerStreamWriterOptions {
+  readonly sink: ByteSink;
+  readonly machineType: string;
+  readonly vcpus: number;
+  readonly ram: NativeRamLayout;
+  readonly devices: readonly DeviceSection[];
+  readonly chunkPages?: number;
+}
+
+const WORKER_URL = new URL('./migration-worker.js', import.meta.url);
+
+function toWire(sel: readonly RamPageSelection[] | undefined): WireSelection[] | undefined {
+  return sel?.map((s) => ({ block: s.block, pages: Float64Array.from(s.pages) }));
+}
+
+function buffersOf(sel: WireSelection[] | undefined): ArrayBuffer[] {
+  return (sel ?? []).map((s) => s.pages.buffer as ArrayBuffer);
+}
+
+/**
+ * A MigrationStreamWriter on the migration thread. Call `close()` in every
+ * case (success, failure, cancel): it ends the thread.
+ */
+export class WorkerStreamWriter {
+  private readonly worker: Worker;
+  private seq = 0;
+  private readonly pending = new Map<
+    number,
+    { resolve: (s: StreamStats) => void; reject: (e: unknown) => void }
+  >();
+  private last: StreamStats = { bytes: 0, normalPages: 0, zeroPages: 0 };
+  private sinkFailed = false;
+  private sinkError: unknown;
+  private gone: Error | undefined;
+  private readonly exited: Promise<void>;
+
+  constructor(private readonly opts: WorkerStreamWriterOptions) {
+    const data: MigrationWorkerData = {
+      trace: currentTraceConfig(),
+      machineType: opts.machineType,
+      vcpus: opts.vcpus,
+      ram: opts.ram,
+      devices: opts.devices.map((d) => ({
+        idstr: d.idstr,
+        instanceId: d.instanceId,
+        version: d.vmsd.version,
+      })),
+      ...(opts.chunkPages !== undefined ? { chunkPages: opts.chunkPages } : {}),
+    };
+    this.worker = new Worker(WORKER_URL, { workerData: data, name: 'migration' });
+    this.worker.on('message', (m: ToMain) => this.onMessage(m));
+    this.worker.on('error', (err) => this.end(err));
+    this.exited = new Promise<void>((resolve) => {
+      this.worker.once('exit', (code) => {
+        this.end(new Error(`the migration thread exited (code ${code})`));
+        resolve();
+      });
+    });
+  }
+
+  /** Bytes and pages so far, as of the worker's last message. */
+  get stats(): StreamStats {
+    return this.last;
+  }
+
+  begin(): Promise<void> {
+    return this.command({ op: 'begin', seq: 0 }).then(() => undefined);
+  }
+
+  sendRam(selection?: readonly RamPageSelection[]): Promise<void> {
+    const wire = toWire(selection);
+    return this.command(
+      { op: 'sendRam', seq: 0, ...(wire ? { selection: wire } : {}) },
+      buffersOf(wire),
+    ).then(() => undefined);
+  }
+
+  /** The completion: the devices' states are encoded here (the VM is stopped), the rest there. */
+  async complete(selection?: readonly RamPageSelection[]): Promise<StreamStats> {
+    const devices: EncodedDeviceSection[] = [];
+    for (const d of this.opts.devices) devices.push(await encodeDeviceSection(d));
+    const wire = toWire(selection);
+    return this.command({ op: 'complete', seq: 0, devices, ...(wire ? { selection: wire } : {}) }, [
+      ...buffersOf(wire),
+      ...devices.map((d) => d.body.buffer as ArrayBuffer),
+    ]);
+  }
+
+  /** Ends the migration thread and waits until it has exited. */
+  async close(): Promise<void> {
+    await this.worker.terminate();
+    await this.exited;
+  }
+
+  private command(cmd: WorkerCommand, transfer: ArrayBuffer[] = []): Promise<StreamStats> {
+    if (this.gone) return Promise.reject(this.gone);
+    const seq = ++this.seq;
+    return new Promise<StreamStats>((resolve, reject) => {
+      this.pending.set(seq, { resolve, reject });
+      this.worker.postMessage({ ...cmd, seq }, transfer);
+    });
+  }
+
+  private onMessage(m: ToMain): void {
+    this.last = m.stats;
+    if (m.type === 'write') {
+      this.write(m.id, m.buf);
+      return;
+    }
+    const p = this.pending.get(m.seq);
+    this.pending.delete(m.seq);
+    if (m.type === 'done') p?.resolve(m.stats);
+    // A failed sink write is reported as the sink's own error, as on the main thread.
+    else p?.reject(this.sinkFailed ? this.sinkError : new Error(m.message));
+  }
+
+  private write(id: number, buf: Uint8Array): void {
+    const post = (m: ToWorker) => {
+      if (!this.gone) this.worker.postMessage(m);
+    };
+    let done: Promise<void> | void;
+    try {
+      done = this.opts.sink.write(buf);
+    } catch (err) {
+      done = Promise.reject(err);
+    }
+    Promise.resolve(done).then(
+      () => post({ op: 'ack', id }),
+      (err: unknown) => {
+        if (!this.sinkFailed) {
+          this.sinkFailed = true;
+          this.sinkError = err;
+        }
+        post({ op: 'nack', id, message: err instanceof Error ? err.message : String(err) });
+      },
+    );
+  }
+
+  private end(err: Error): void {
+    this.gone ??= err;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+  }
+}
