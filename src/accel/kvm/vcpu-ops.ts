@@ -12,6 +12,7 @@ import { gettid } from './ffi.js';
 import type { KvmCpuidEntry2 } from './structs/cpuid.js';
 import type { KvmMsrEntry } from './structs/msrs.js';
 import type { KvmRegs } from './structs/regs.js';
+import { KVM_MP_STATE } from './structs/vcpu-state.js';
 import type { KvmVcpu } from './vcpu.js';
 
 /** What an operation sees: the thread's vCPU and index. */
@@ -74,6 +75,9 @@ const OPS: Record<string, VcpuOp> = {
   set_regs: ({ vcpu }, arg) => vcpu.setRegs(arg as KvmRegs),
   start_long_mode: ({ vcpu }, arg) => {
     const entry = arg as LongModeEntry;
+    // With the in-kernel irqchip every vCPU but the first is created waiting
+    // for INIT/SIPI; a vCPU we start ourselves must be made runnable.
+    vcpu.setMpState({ mpState: KVM_MP_STATE.RUNNABLE });
     vcpu.setSregs(longModeSregs(vcpu.getSregs()));
     vcpu.setRegs({
       ...ZERO_REGS,

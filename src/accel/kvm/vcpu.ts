@@ -105,13 +105,16 @@ export class KvmVcpu extends KvmFd {
    * KVM_RUN: runs the vCPU until the next exit and returns the exit reason
    * (KVM_EXIT_*). A signal or immediate_exit makes KVM_RUN fail with
    * EINTR; that is returned as KVM_EXIT.INTR, the reason KVM itself
-   * records for it. Any other failure throws KvmIoctlError.
+   * records for it. EAGAIN is returned the same way: KVM gives it when the
+   * vCPU cannot enter yet, for example an AP's first run after INIT/SIPI,
+   * and the caller simply runs again (QEMU does the same). Any other
+   * failure throws KvmIoctlError.
    */
   run(): number {
     const result = ioctlInt(this.fd, KVM_RUN_REQUEST, 0);
     if (result >= 0) return this.kvmRun.exitReason;
     const errno = lastErrno();
-    if (errno === Errno.EINTR) return KVM_EXIT.INTR;
+    if (errno === Errno.EINTR || errno === Errno.EAGAIN) return KVM_EXIT.INTR;
     throw new KvmIoctlError('KVM_RUN', errno);
   }
 

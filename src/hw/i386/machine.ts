@@ -5,6 +5,7 @@
  */
 
 import { kvmHostCapabilities } from '../../accel/kvm/capabilities.js';
+import { type CpuSavedState, MSR_IA32_TSC } from '../../accel/kvm/cpu-state.js';
 import { GuestMemory } from '../../accel/kvm/memory/guest-memory.js';
 import { Kvm } from '../../accel/kvm/system.js';
 import { type GuestRequest, VcpuThreads } from '../../accel/kvm/vcpu-threads.js';
@@ -19,7 +20,6 @@ import { MSR_KVM_SYSTEM_TIME_NEW, pvclockNsAt, readPvclock } from './kvm/pvclock
 import { MPTABLE_MAX_CPUS } from './mptable.js';
 import { PROBE_MAX_CPUS, probeMemoryNeeded } from './probe-boot.js';
 
-const MSR_IA32_TSC = 0x10;
 /** Where KVM may put the three pages Intel VMX needs for real mode: just below the BIOS. */
 const TSS_ADDR = 0xfffbd000;
 /** The port the I/O-loop guest writes to (bench/exit-rate). */
@@ -106,6 +106,11 @@ export class X86Machine {
       const supported = kvm.getSupportedCpuid();
       const caps = kvmHostCapabilities(kvm);
       let leaf1 = { eax: 0, edx: 0 };
+      // Each vCPU's state at power-on, before any guest is loaded: a reset
+      // puts it back, so the LAPIC, the MSRs and the MP state (the APs wait
+      // for INIT/SIPI again) are as a fresh machine's. The TSC is left out:
+      // it keeps counting across a reset, and kvmclock relies on that.
+      const powerOnState: CpuSavedState[] = [];
       for (let cpu = 0; cpu < options.cpus; cpu++) {
         const cpuid = buildGuestCpuid(supported, {
           cpuIndex: cpu,
@@ -115,6 +120,8 @@ export class X86Machine {
         leaf1 = cpuid.find((e) => e.function === 1) ?? leaf1;
         await vcpus.runOnCpu(cpu, 'set_cpuid', cpuid);
         await vcpus.runOnCpu(cpu, 'init_x86');
+        const state = (await vcpus.runOnCpu(cpu, 'get_cpu_state')) as CpuSavedState;
+        powerOnState.push({ ...state, msrs: state.msrs.filter((m) => m.index !== MSR_IA32_TSC) });
       }
       const loadGuest = () =>
         bootGuest(
@@ -146,6 +153,9 @@ export class X86Machine {
       // A reset (system_reset, or a guest's reboot) starts the guest afresh
       // on every vCPU, and lets vCPUs parked by the guest's request run again.
       lifecycle.addResetHandler(async () => {
+        for (let cpu = 0; cpu < options.cpus; cpu++) {
+          await vcpus.runOnCpu(cpu, 'set_cpu_state', powerOnState[cpu]);
+        }
         await loadGuest();
         for (let cpu = 0; cpu < options.cpus; cpu++) await vcpus.runOnCpu(cpu, 'unpark');
       });
