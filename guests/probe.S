@@ -15,8 +15,11 @@
  *   probe cpu=<n> tick ns=<kvmclock ns>
  *   probe cpu=<n> stopped ns=<ns>         (GUEST_STOPPED seen, then cleared)
  *   probe cpu=<n> backwards prev=<ns> now=<ns>
- * A whole line leaves with one `rep outsb`, so lines of several vCPUs never
- * interleave mid-line and a line costs one exit, not one per byte.
+ * A whole line leaves with one `rep outsb`, under a spinlock shared by all
+ * vCPUs (as Linux's console lock): KVM may emulate the string instruction
+ * one byte per exit (it does with SVM), and without the lock the lines of
+ * several vCPUs would interleave byte by byte. On hosts that pass the
+ * whole string in one exit a line costs one exit.
  *
  * Registers kept across the loop:
  *   r12 = cpu index, r13 = pvclock area, r14 = tick interval,
@@ -176,17 +179,32 @@ put_u64:
         add     rsp, 24
         ret
 
-/* line_end: append '\n' and send the line at [rbp, rdi) with one rep outsb. */
+/*
+ * line_end: append '\n' and send the line at [rbp, rdi) with one rep outsb,
+ * holding console_lock so that no other vCPU's bytes come in between.
+ */
 line_end:
         mov     byte ptr [rdi], 10
         inc     rdi
-        mov     rsi, rbp
+7:      mov     eax, 1
+        xchg    eax, dword ptr [rip + console_lock]
+        test    eax, eax
+        jz      9f
+8:      pause
+        cmp     dword ptr [rip + console_lock], 0
+        jne     8b
+        jmp     7b
+9:      mov     rsi, rbp
         mov     rcx, rdi
         sub     rcx, rsi
         mov     dx, 0x3f8
         cld
         rep outsb
+        mov     dword ptr [rip + console_lock], 0
         ret
+
+        .balign 4
+console_lock:   .long 0
 
 msg_prefix:     .asciz "probe cpu="
 msg_ready:      .asciz " ready"

@@ -1,9 +1,45 @@
 #!/usr/bin/env node
-// Runs every compiled test file under dist/ with Node's test runner.
-// Node 20's `node --test` takes files, not globs, so we collect them here.
-import { spawnSync } from 'node:child_process';
-import { readdirSync } from 'node:fs';
-import { join } from 'node:path';
+// The test runner behind `npm test`. Every compiled test file under dist/
+// runs with Node's test runner, and every test that needs KVM runs on a real
+// KVM: on this host's /dev/kvm where it is usable, otherwise inside
+// ../shared/tools/kvm-vm (QEMU's emulator with nested SVM), while the tests
+// that need no KVM run here at the same time. Nothing is skipped for want
+// of KVM: a KVM test that cannot run is a failure.
+//
+// Which tests need KVM is told by the file name: `*.kvm.test.ts`. The
+// runner checks the convention: a test file that asks for KVM
+// (requireKvm) under any other name stops the run.
+//
+//   node scripts/run-tests.mjs [FILTER...]     run the files whose path contains a FILTER
+//   TSVMM_TEST_KVM=host|vm|auto                where the KVM tests run (default auto)
+//   TSVMM_TEST_VM_TIMEOUT=SECONDS              bound on the whole VM run (default 3000)
+//
+// After each part the runner fails the run if a process that the tests
+// started is still alive (it kills those, by pid) or if a test left a file
+// in the part's private temp dir.
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const VM_RUNNER = resolve(ROOT, '../shared/tools/kvm-vm/run');
+const KVM_TEST = /\.kvm\.test\.js$/;
+/** Per-test bounds: on the host, and under emulation (10-50x slower). A hang still fails. */
+const HOST_TEST_TIMEOUT_MS = 180_000;
+const VM_TEST_TIMEOUT_MS = 900_000;
+/** Environment variable that marks every process a part's tests start. */
+const RUN_MARKER = 'TSVMM_TEST_RUN';
 
 function collect(dir) {
   const found = [];
@@ -15,14 +51,262 @@ function collect(dir) {
   return found;
 }
 
-const files = collect('dist').sort();
-if (files.length === 0) {
-  console.error('run-tests: no test files under dist/; run `npm run build` first');
-  process.exit(1);
+/** The compiled test files that still have a source (a renamed test leaves its old .js behind). */
+function testFiles() {
+  const dist = join(ROOT, 'dist');
+  if (!existsSync(dist)) return [];
+  return collect(dist)
+    .filter((f) => existsSync(join(ROOT, 'src', relative(dist, f)).replace(/\.js$/, '.ts')))
+    .map((f) => relative(ROOT, f))
+    .sort();
 }
-const filter = process.argv.slice(2);
-const chosen = filter.length ? files.filter((f) => filter.some((p) => f.includes(p))) : files;
-const result = spawnSync(process.execPath, ['--test', '--test-concurrency=1', '--test-timeout=180000', ...chosen], {
-  stdio: 'inherit',
-});
-process.exit(result.status ?? 1);
+
+/** Files that ask for KVM but are not named *.kvm.test: the convention is checked, not trusted. */
+function misnamedKvmTests(files) {
+  return files.filter(
+    (f) => !KVM_TEST.test(f) && /\brequireKvm\(/.test(readFileSync(join(ROOT, f), 'utf8')),
+  );
+}
+
+/** Whether this host's /dev/kvm can run the KVM tests (the same check tsvmm makes). */
+async function kvmHostUsable() {
+  const { probeKvmHost } = await import(join(ROOT, 'dist/util/kvm-gate.js'));
+  return probeKvmHost().usable;
+}
+
+/** Counts from a TAP stream written by Node's test runner (its closing `# pass N` lines). */
+function tapCounts(text) {
+  const count = (name) => {
+    const m = text.match(new RegExp(`^# ${name} (\\d+)$`, 'm'));
+    return m ? Number(m[1]) : 0;
+  };
+  return {
+    tests: count('tests'),
+    passed: count('pass'),
+    failed: count('fail') + count('cancelled'),
+    skipped: count('skipped') + count('todo'),
+    complete: /^# duration_ms /m.test(text),
+  };
+}
+
+/** Live pids whose environment carries `marker` (processes a part's tests started). */
+function markedProcesses(marker) {
+  const needle = `${RUN_MARKER}=${marker}\0`;
+  const found = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name) || Number(name) === process.pid) continue;
+    try {
+      const env = readFileSync(`/proc/${name}/environ`, 'latin1');
+      if (!env.includes(needle)) continue;
+      const cmd = readFileSync(`/proc/${name}/cmdline`, 'latin1').replaceAll('\0', ' ').trim();
+      const state = readFileSync(`/proc/${name}/stat`, 'latin1').split(') ')[1]?.[0];
+      if (state !== 'Z') found.push({ pid: Number(name), cmd });
+    } catch {
+      // gone, or not ours to read
+    }
+  }
+  return found;
+}
+
+/**
+ * Runs one part: the given files under `node --test`, with a private temp
+ * dir and a marker in the environment, then checks that nothing was left
+ * behind. Writes `NAME.tap` and `NAME.json` into `resultsDir`.
+ */
+function runPart(name, files, resultsDir, testTimeoutMs) {
+  const marker = randomBytes(8).toString('hex');
+  const partTmp = mkdtempSync(join(tmpdir(), `tsvmm-${name}-`));
+  const tapPath = join(resultsDir, `${name}.tap`);
+  const started = Date.now();
+  const result = spawnSync(
+    process.execPath,
+    [
+      '--test',
+      '--test-concurrency=1',
+      `--test-timeout=${testTimeoutMs}`,
+      '--test-reporter=spec',
+      '--test-reporter-destination=stdout',
+      '--test-reporter=tap',
+      `--test-reporter-destination=${tapPath}`,
+      ...files,
+    ],
+    {
+      cwd: ROOT,
+      stdio: 'inherit',
+      env: { ...process.env, [RUN_MARKER]: marker, TMPDIR: partTmp },
+    },
+  );
+  const seconds = (Date.now() - started) / 1000;
+  const leaks = [];
+  // A test's children may take a moment to go after their parent test ended.
+  let alive = markedProcesses(marker);
+  for (let i = 0; i < 20 && alive.length > 0; i++) {
+    spawnSync('sleep', ['0.1']);
+    alive = markedProcesses(marker);
+  }
+  for (const p of alive) {
+    leaks.push(`process ${p.pid} outlived the tests: ${p.cmd}`);
+    try {
+      process.kill(p.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  for (const entry of readdirSync(partTmp)) leaks.push(`temp file left behind: ${join(partTmp, entry)}`);
+  rmSync(partTmp, { recursive: true, force: true });
+  const tap = existsSync(tapPath) ? readFileSync(tapPath, 'utf8') : '';
+  const summary = { name, seconds, exitCode: result.status, ...tapCounts(tap), leaks };
+  writeFileSync(join(resultsDir, `${name}.json`), JSON.stringify(summary));
+  return summary;
+}
+
+function describe(summary, where) {
+  return `${summary.name}: ${summary.passed} passed, ${summary.failed} failed, ${summary.skipped} skipped in ${summary.seconds.toFixed(0)} s (${where})`;
+}
+
+/** Runs the KVM part inside the VM runner, retried once if the VM died before any test reported. */
+function runPartInVm(files, resultsDir) {
+  const timeout = process.env.TSVMM_TEST_VM_TIMEOUT ?? '3000';
+  if (!existsSync(VM_RUNNER)) {
+    return { error: `no /dev/kvm here and no VM runner at ${VM_RUNNER}` };
+  }
+  const args = [
+    '--timeout',
+    timeout,
+    '--out',
+    resultsDir,
+    '--keep-log',
+    join(resultsDir, 'kvm-vm.log'),
+    '--',
+    process.execPath,
+    fileURLToPath(import.meta.url),
+    '--part',
+    'kvm-vm',
+    '--results',
+    resultsDir,
+    ...files,
+  ];
+  for (let attempt = 1; attempt <= 2; attempt++) {
+    const started = Date.now();
+    const r = spawnSync(VM_RUNNER, args, { cwd: ROOT, stdio: 'inherit' });
+    const jsonPath = join(resultsDir, 'kvm-vm.json');
+    const summary = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, 'utf8')) : undefined;
+    if (summary && summary.tests > 0) return { summary, vmSeconds: (Date.now() - started) / 1000 };
+    const why =
+      r.status === 124
+        ? 'the VM run timed out'
+        : r.status === 125
+          ? 'the VM could not run the tests'
+          : `the VM run ended with status ${r.status} and no test result`;
+    if (attempt === 2 || r.status === 124) return { error: why };
+    console.error(`run-tests: ${why}; retrying the VM run once (log: ${join(resultsDir, 'kvm-vm.log')})`);
+  }
+  return { error: 'unreachable' };
+}
+
+function inner(argv) {
+  // --part NAME --results DIR FILES...: one part, run where this process is.
+  const name = argv[1];
+  const resultsDir = argv[3];
+  const files = argv.slice(4);
+  const s = runPart(name, files, resultsDir, VM_TEST_TIMEOUT_MS);
+  for (const leak of s.leaks) console.error(`run-tests: ${name}: ${leak}`);
+  process.exit(s.failed === 0 && s.leaks.length === 0 && s.exitCode === 0 ? 0 : 1);
+}
+
+async function main(filters) {
+  const all = testFiles();
+  if (all.length === 0) {
+    console.error('run-tests: no test files under dist/; run `npm run build` first');
+    process.exit(1);
+  }
+  const misnamed = misnamedKvmTests(all);
+  if (misnamed.length > 0) {
+    console.error(
+      `run-tests: these test files call requireKvm but are not named *.kvm.test.ts, so the runner would not give them KVM:\n  ${misnamed.join('\n  ')}`,
+    );
+    process.exit(1);
+  }
+  const chosen = filters.length ? all.filter((f) => filters.some((p) => f.includes(p))) : all;
+  const kvmFiles = chosen.filter((f) => KVM_TEST.test(f));
+  const plainFiles = chosen.filter((f) => !KVM_TEST.test(f));
+  const mode = process.env.TSVMM_TEST_KVM ?? 'auto';
+  if (!['auto', 'host', 'vm'].includes(mode)) {
+    console.error(`run-tests: TSVMM_TEST_KVM must be host, vm or auto, not '${mode}'`);
+    process.exit(1);
+  }
+  const kvmWhere = mode === 'auto' ? ((await kvmHostUsable()) ? 'host' : 'vm') : mode;
+  const resultsDir = join(ROOT, '.test-results');
+  rmSync(resultsDir, { recursive: true, force: true });
+  mkdirSync(resultsDir, { recursive: true });
+
+  const started = Date.now();
+  const lines = [];
+  let failed = 0;
+  let passed = 0;
+  let skipped = 0;
+  const account = (s, where) => {
+    lines.push(describe(s, where));
+    for (const leak of s.leaks) lines.push(`  LEAK: ${leak}`);
+    passed += s.passed;
+    failed += s.failed + s.leaks.length + (s.exitCode !== 0 && s.failed === 0 ? 1 : 0);
+    skipped += s.skipped;
+  };
+
+  if (kvmWhere === 'host') {
+    console.log(`run-tests: KVM tests run on this host's /dev/kvm (${kvmFiles.length} files)`);
+    if (chosen.length) account(runPart('host', chosen, resultsDir, HOST_TEST_TIMEOUT_MS), 'on this host, /dev/kvm');
+  } else {
+    console.log(
+      `run-tests: KVM tests (${kvmFiles.length} files) run in ../shared/tools/kvm-vm (nested SVM under QEMU's emulator); the other ${plainFiles.length} files run here at the same time`,
+    );
+    // The plain part runs in a child of its own so that both parts run at once.
+    const plain = plainFiles.length
+      ? new Promise((resolvePlain) => {
+          const child = spawn(
+            process.execPath,
+            [fileURLToPath(import.meta.url), '--host-part', resultsDir, ...plainFiles],
+            { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+          );
+          // Its output goes to a file and is printed after the VM's, so the two do not interleave.
+          const chunks = [];
+          child.stdout.on('data', (c) => chunks.push(c));
+          child.stderr.on('data', (c) => chunks.push(c));
+          child.on('close', () => {
+            writeFileSync(join(resultsDir, 'host.out'), Buffer.concat(chunks));
+            resolvePlain();
+          });
+        })
+      : Promise.resolve();
+    const vm = kvmFiles.length ? runPartInVm(kvmFiles, resultsDir) : undefined;
+    plain.then(() => {
+      if (plainFiles.length) {
+        process.stdout.write(readFileSync(join(resultsDir, 'host.out')));
+        account(JSON.parse(readFileSync(join(resultsDir, 'host.json'), 'utf8')), 'on this host, no KVM needed');
+      }
+      if (vm?.error) {
+        lines.push(`kvm-vm: FAILED: ${vm.error}; ${kvmFiles.length} KVM test files did not run`);
+        failed += 1;
+      } else if (vm) {
+        account(vm.summary, `in the KVM VM, nested SVM; ${vm.vmSeconds.toFixed(0)} s with its boot`);
+      }
+      finish();
+    });
+    return;
+  }
+  finish();
+
+  function finish() {
+    console.log(`\nrun-tests: ${((Date.now() - started) / 1000).toFixed(0)} s in all`);
+    for (const line of lines) console.log(`run-tests: ${line}`);
+    console.log(`${passed} passed, ${failed} failed, ${skipped} skipped`);
+    process.exit(failed === 0 ? 0 : 1);
+  }
+}
+
+const argv = process.argv.slice(2);
+if (argv[0] === '--part') inner(argv);
+else if (argv[0] === '--host-part') {
+  const s = runPart('host', argv.slice(2), argv[1], HOST_TEST_TIMEOUT_MS);
+  process.exit(s.failed === 0 ? 0 : 1);
+} else await main(argv);
