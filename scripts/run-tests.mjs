@@ -38,6 +38,8 @@ const KVM_TEST = /\.kvm\.test\.js$/;
 /** Per-test bounds: on the host, and under emulation (10-50x slower). A hang still fails. */
 const HOST_TEST_TIMEOUT_MS = 180_000;
 const VM_TEST_TIMEOUT_MS = 900_000;
+/** How much longer KVM tests may wait for a guest inside the VM (TSVMM_TEST_TIME_SCALE overrides). */
+const VM_TIME_SCALE = 8;
 /** Environment variable that marks every process a part's tests start. */
 const RUN_MARKER = 'TSVMM_TEST_RUN';
 
@@ -113,7 +115,7 @@ function markedProcesses(marker) {
  * dir and a marker in the environment, then checks that nothing was left
  * behind. Writes `NAME.tap` and `NAME.json` into `resultsDir`.
  */
-function runPart(name, files, resultsDir, testTimeoutMs) {
+function runPart(name, files, resultsDir, testTimeoutMs, extraEnv = {}) {
   const marker = randomBytes(8).toString('hex');
   const partTmp = mkdtempSync(join(tmpdir(), `tsvmm-${name}-`));
   const tapPath = join(resultsDir, `${name}.tap`);
@@ -133,7 +135,7 @@ function runPart(name, files, resultsDir, testTimeoutMs) {
     {
       cwd: ROOT,
       stdio: 'inherit',
-      env: { ...process.env, [RUN_MARKER]: marker, TMPDIR: partTmp },
+      env: { ...process.env, ...extraEnv, [RUN_MARKER]: marker, TMPDIR: partTmp },
     },
   );
   const seconds = (Date.now() - started) / 1000;
@@ -177,6 +179,7 @@ function runPartInVm(files, resultsDir) {
     resultsDir,
     '--keep-log',
     join(resultsDir, 'kvm-vm.log'),
+    ...(process.env.TSVMM_TEST_TIME_SCALE ? ['--env', 'TSVMM_TEST_TIME_SCALE'] : []),
     '--',
     process.execPath,
     fileURLToPath(import.meta.url),
@@ -209,7 +212,9 @@ function inner(argv) {
   const name = argv[1];
   const resultsDir = argv[3];
   const files = argv.slice(4);
-  const s = runPart(name, files, resultsDir, VM_TEST_TIMEOUT_MS);
+  // Under emulation every wait of a KVM test is stretched (test-support/time-scale.ts).
+  const scale = process.env.TSVMM_TEST_TIME_SCALE || String(VM_TIME_SCALE);
+  const s = runPart(name, files, resultsDir, VM_TEST_TIMEOUT_MS, { TSVMM_TEST_TIME_SCALE: scale });
   for (const leak of s.leaks) console.error(`run-tests: ${name}: ${leak}`);
   process.exit(s.failed === 0 && s.leaks.length === 0 && s.exitCode === 0 ? 0 : 1);
 }

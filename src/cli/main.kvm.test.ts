@@ -6,8 +6,11 @@ import { join } from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { DEFAULT_TICK_NS } from '../hw/i386/probe-boot.js';
+import { isJsonObject } from '../monitor/json-value.js';
+import type { QmpClient } from '../monitor/qmp-client.js';
 import { requireKvm } from '../test-support/kvm.js';
 import { type ProbeLine, parseProbeOutput, waitFor } from '../test-support/machine.js';
+import { scaled } from '../test-support/time-scale.js';
 import {
   expectShutdownOnly,
   negotiate,
@@ -21,7 +24,9 @@ import {
 import { traceBody } from '../trace/capture.js';
 
 describe('tsvmm VMs over QMP (needs KVM)', () => {
-  test('the management-tool flow: -S, cont, stop, cont, quit', { timeout: 90_000 }, async (t) => {
+  test('the management-tool flow: -S, cont, stop, cont, quit', {
+    timeout: scaled(90_000),
+  }, async (t) => {
     if (!requireKvm(t)) return;
     const scope = new Scope(t);
     const sock = join(scope.tempDir(), 'qmp.sock');
@@ -51,7 +56,7 @@ describe('tsvmm VMs over QMP (needs KVM)', () => {
   });
 
   test('SIGTERM shuts down cleanly: SHUTDOWN reason host-signal, exit 0', {
-    timeout: 90_000,
+    timeout: scaled(90_000),
   }, async (t) => {
     if (!requireKvm(t)) return;
     const scope = new Scope(t);
@@ -146,8 +151,8 @@ function assertCtrlPerVcpu(
 }
 
 /** Reads the serial file and parses the probe's complete lines. */
-function probeLines(path: string): ProbeLine[] {
-  return existsSync(path) ? parseProbeOutput(readFileSync(path, 'utf8')) : [];
+function probeLines(path: string, options: { resumed?: boolean } = {}): ProbeLine[] {
+  return existsSync(path) ? parseProbeOutput(readFileSync(path, 'utf8'), options) : [];
 }
 
 /** Waits until every vCPU printed `ready` and at least `ticks` tick lines. */
@@ -162,24 +167,112 @@ async function waitForTicks(serial: string, cpus: number, ticks: number, from = 
   });
 }
 
+/** Waits until every vCPU printed at least `ticks` tick lines at or after line `from`. */
+async function waitForTicksAfter(
+  serial: string,
+  cpus: number,
+  ticks: number,
+  from: number,
+): Promise<void> {
+  await waitFor(`${ticks} ticks from each of ${cpus} vCPUs`, () => {
+    const lines = probeLines(serial, { resumed: true }).slice(from);
+    return Array.from({ length: cpus }, (_, cpu) => cpu).every(
+      (cpu) => lines.filter((l) => l.cpu === cpu && l.event === 'tick').length >= ticks,
+    );
+  });
+}
+
+/** Polls query-migrate until its status is `want` (fails at once on `failed`). */
+async function waitMigrate(qmp: QmpClient, want: string): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const r = await within(qmp.execute('query-migrate'), 'query-migrate');
+    assert.ok(isJsonObject(r));
+    assert.notEqual(r.status, 'failed', JSON.stringify(r));
+    if (r.status === want) return;
+    if (Date.now() > deadline)
+      throw new Error(`query-migrate still ${JSON.stringify(r)}, not ${want}`);
+    await sleep(50);
+  }
+}
+
+/** Each vCPU printed `stopped` after line `from` (KVMCLOCK_CTRL set GUEST_STOPPED), and nothing went backwards. */
+function assertEveryVcpuSawStopped(
+  lines: readonly ProbeLine[],
+  from: number,
+  cpus: number,
+  what: string,
+): void {
+  for (let cpu = 0; cpu < cpus; cpu++) {
+    assert.ok(
+      lines.slice(from).some((l) => l.cpu === cpu && l.event === 'stopped'),
+      `${what}: vCPU ${cpu} printed 'stopped' (KVM_KVMCLOCK_CTRL set PVCLOCK_GUEST_STOPPED)`,
+    );
+  }
+  assert.deepEqual(
+    lines.filter((l) => l.event === 'backwards'),
+    [],
+    `${what}: no vCPU saw its kvmclock go backwards`,
+  );
+}
+
+/** Splits a trace at its kvmclock_vm_state_change records: what came before the first, and after each. */
+function splitAtStateChanges(
+  records: TraceRecord[],
+  expected: readonly string[],
+): { before: TraceRecord[]; after: TraceRecord[][] } {
+  const changes = records
+    .map((r, i) => ({ r, i }))
+    .filter(({ r }) => r.event === 'kvmclock_vm_state_change');
+  assert.deepEqual(
+    changes.map(
+      ({ r }) => `running=${r.fields.running} state=${r.fields.state} thread=${r.thread}`,
+    ),
+    expected,
+  );
+  const cut = changes.map(({ i }) => i);
+  return {
+    before: records.slice(0, cut[0]),
+    after: cut.map((c, k) => records.slice(c + 1, cut[k + 1] ?? records.length)),
+  };
+}
+
+const TRACE_ARGS = ['-trace', 'kvmclock_*', '-trace', 'kvm_vm_ioctl', '-trace', 'kvm_vcpu_ioctl'];
+const getClock = (r: TraceRecord) => isIoctl(r, 'kvm_vm_ioctl', 'KVM_GET_CLOCK');
+const setClock = (r: TraceRecord) => isIoctl(r, 'kvm_vm_ioctl', 'KVM_SET_CLOCK');
+const ctrlEvent = (r: TraceRecord) => r.event === 'kvmclock_ctrl';
+
+/** Checks the records every trace line must satisfy: our pid, wall-clock seconds, a known thread, no KVM_RUN. */
+function assertRecordsWellFormed(
+  records: readonly TraceRecord[],
+  pid: number,
+  startedAt: number,
+): void {
+  const endedAt = Math.ceil(Date.now() / 1000);
+  for (const r of records) {
+    assert.equal(r.pid, pid, 'records carry the tsvmm pid');
+    assert.ok(r.seconds >= startedAt - 1 && r.seconds <= endedAt + 1, 'wall-clock seconds');
+    assert.match(r.thread, /^(main|vcpu\d+|migration)$/);
+    assert.ok(!isIoctl(r, 'kvm_vcpu_ioctl', 'KVM_RUN'), 'KVM_RUN is never traced');
+  }
+}
+
 for (const cpus of [1, 2, 4]) {
-  test(`the seed's trace with -smp ${cpus}: start, stop, cont, quit`, {
-    timeout: 120_000,
+  test(`the seed's scenario with -smp ${cpus}: start, stop, cont, migrate to file, quit; -incoming, quit`, {
+    timeout: scaled(300_000),
   }, async (t) => {
     if (!requireKvm(t)) return;
     const scope = new Scope(t);
     const dir = scope.tempDir();
+    const saved = join(dir, 'vm.state');
+
+    // The source: started at once (no -S), as in the seed.
     const sock = join(dir, 'qmp.sock');
     const traceFile = join(dir, 'trace.log');
     const serial = join(dir, 'serial.out');
     const startedAt = Math.floor(Date.now() / 1000);
     const vm = scope.start([
-      '-trace',
-      'kvmclock_*',
-      '-trace',
-      'kvm_vm_ioctl',
-      '-trace',
-      'kvm_vcpu_ioctl',
+      ...TRACE_ARGS,
       '-D',
       traceFile,
       '-serial',
@@ -196,52 +289,40 @@ for (const cpus of [1, 2, 4]) {
 
     await within(qmp.execute('stop'), 'stop');
     await within(qmp.nextEvent('STOP'), 'STOP');
+    const resumedAt = probeLines(serial).length;
     await within(qmp.execute('cont'), 'cont');
     await within(qmp.nextEvent('RESUME'), 'RESUME');
+    await waitForTicksAfter(serial, cpus, 2, resumedAt);
+    assertEveryVcpuSawStopped(probeLines(serial), resumedAt, cpus, 'after cont');
+
+    assert.deepEqual(await within(qmp.execute('migrate', { uri: `file:${saved}` }), 'migrate'), {});
+    await waitMigrate(qmp, 'completed');
+    assert.equal((await queryStatus(qmp)).status, 'postmigrate');
     await within(qmp.execute('quit'), 'quit');
-    await expectShutdownOnly(qmp, 'host-qmp-quit');
     const exit = await vm.waitExit(SHUTDOWN_MS);
     assert.deepEqual(exit, { code: 0, signal: null }, vm.stderr);
 
     const records = parseTrace(readFileSync(traceFile, 'utf8'));
-    const endedAt = Math.ceil(Date.now() / 1000);
-    for (const r of records) {
-      assert.equal(r.pid, vm.pid, 'records carry the tsvmm pid');
-      assert.ok(r.seconds >= startedAt - 1 && r.seconds <= endedAt + 1, 'wall-clock seconds');
-      assert.match(r.thread, /^(main|vcpu\d+)$/);
-      assert.ok(!isIoctl(r, 'kvm_vcpu_ioctl', 'KVM_RUN'), 'KVM_RUN is never traced');
-    }
-
-    // The change-state handler: start, stop, cont, quit, all on the main thread.
-    const changes = records
-      .map((r, i) => ({ r, i }))
-      .filter(({ r }) => r.event === 'kvmclock_vm_state_change');
-    assert.deepEqual(
-      changes.map(
-        ({ r }) => `running=${r.fields.running} state=${r.fields.state} thread=${r.thread}`,
-      ),
-      [
-        'running=1 state=running thread=main',
-        'running=0 state=paused thread=main',
-        'running=1 state=running thread=main',
-        'running=0 state=shutdown thread=main',
-      ],
-    );
-    const cut = changes.map(({ i }) => i);
-    const realize = records.slice(0, cut[0]);
-    const [start, stop, cont, shutdown] = [0, 1, 2, 3].map((k) =>
-      records.slice(cut[k]! + 1, cut[k + 1] ?? records.length),
-    ) as [TraceRecord[], TraceRecord[], TraceRecord[], TraceRecord[]];
-    const getClock = (r: TraceRecord) => isIoctl(r, 'kvm_vm_ioctl', 'KVM_GET_CLOCK');
-    const setClock = (r: TraceRecord) => isIoctl(r, 'kvm_vm_ioctl', 'KVM_SET_CLOCK');
+    assertRecordsWellFormed(records, vm.pid, startedAt);
+    // start, stop, cont on the main thread; the stop into finish-migrate on
+    // the migration path; quit finds the VM stopped and changes nothing.
+    const { before: realize, after } = splitAtStateChanges(records, [
+      'running=1 state=running thread=main',
+      'running=0 state=paused thread=main',
+      'running=1 state=running thread=main',
+      'running=0 state=finish-migrate thread=migration',
+    ]);
+    const [start, stop, cont, finish] = after as [
+      TraceRecord[],
+      TraceRecord[],
+      TraceRecord[],
+      TraceRecord[],
+    ];
 
     // realize reads the clock once; nothing kvmclock does before the start.
     assert.equal(count(realize, getClock), 1, 'realize: one KVM_GET_CLOCK');
     assert.equal(count(realize, setClock), 0);
-    assert.equal(
-      count(realize, (r) => r.event === 'kvmclock_ctrl'),
-      0,
-    );
+    assert.equal(count(realize, ctrlEvent), 0);
 
     // Start: SET_CLOCK, then KVMCLOCK_CTRL once per vCPU on its own thread
     // (EINVAL is fine here: the guest has not enabled kvmclock yet).
@@ -254,28 +335,78 @@ for (const cpus of [1, 2, 4]) {
     assert.equal(count(stop, getClock), 1, 'stop: one KVM_GET_CLOCK');
     assert.ok(stop.filter(getClock).every((r) => r.thread === 'main' && r.fields.ret === '0'));
     assert.equal(count(stop, setClock), 0, 'stop: no KVM_SET_CLOCK');
-    assert.equal(
-      count(stop, (r) => r.event === 'kvmclock_ctrl'),
-      0,
-      'stop: no kvmclock_ctrl',
-    );
+    assert.equal(count(stop, ctrlEvent), 0, 'stop: no kvmclock_ctrl');
 
-    // cont: exactly one SET_CLOCK, then KVMCLOCK_CTRL per vCPU, which now
-    // succeeds: every vCPU has enabled kvmclock.
+    // cont: one SET_CLOCK, then KVMCLOCK_CTRL per vCPU, which now succeeds.
     assert.equal(count(cont, setClock), 1, 'cont: one KVM_SET_CLOCK');
     assert.equal(count(cont, getClock), 0, 'cont: no KVM_GET_CLOCK');
     assertCtrlPerVcpu(cont, cpus, 'cont', '0');
-    for (const r of cont.filter((x) => isIoctl(x, 'kvm_vcpu_ioctl', 'KVM_KVMCLOCK_CTRL'))) {
-      assert.equal(r.fields.ret, '0', `cont: KVM_KVMCLOCK_CTRL on vCPU ${r.fields.cpu}`);
-    }
 
-    // quit: the clock is saved once more and the VM is not started again.
-    assert.equal(count(shutdown, getClock), 1, 'quit: one KVM_GET_CLOCK');
-    assert.equal(count(shutdown, setClock), 0);
-    assert.equal(
-      count(shutdown, (r) => r.event === 'kvmclock_ctrl'),
-      0,
+    // finish-migrate: the clock is read at the stop (and again before the
+    // save, since the VM was running, not paused); never set; no CTRL.
+    assert.ok(count(finish, getClock) >= 1, 'finish-migrate: KVM_GET_CLOCK');
+    assert.equal(count(finish, setClock), 0, 'finish-migrate: no KVM_SET_CLOCK');
+    assert.equal(count(finish, ctrlEvent), 0, 'finish-migrate: no kvmclock_ctrl');
+
+    // The destination: a new process started from the file.
+    const sock2 = join(dir, 'qmp2.sock');
+    const traceFile2 = join(dir, 'trace2.log');
+    const serial2 = join(dir, 'serial2.out');
+    const startedAt2 = Math.floor(Date.now() / 1000);
+    const vm2 = scope.start([
+      ...TRACE_ARGS,
+      '-D',
+      traceFile2,
+      '-serial',
+      `file:${serial2}`,
+      ...qmpArg(sock2),
+      '-smp',
+      String(cpus),
+      '-incoming',
+      `file:${saved}`,
+    ]);
+    const qmp2 = await scope.connect(sock2, vm2);
+    await negotiate(qmp2);
+    await waitRunning(qmp2);
+    await waitForTicksAfter(serial2, cpus, 2, 0);
+    const restored = probeLines(serial2, { resumed: true });
+    assert.deepEqual(
+      restored.filter((l) => l.event === 'ready'),
+      [],
+      'the restored guest goes on; it does not boot again',
     );
+    assertEveryVcpuSawStopped(restored, 0, cpus, 'after -incoming');
+    // The guest's clock went on from where the source left it.
+    for (let cpu = 0; cpu < cpus; cpu++) {
+      const lastSaved = probeLines(serial)
+        .filter((l) => l.cpu === cpu && l.event === 'tick')
+        .at(-1)!.fields.ns!;
+      const firstRestored = restored.find((l) => l.cpu === cpu && l.event === 'tick')!.fields.ns!;
+      assert.ok(
+        firstRestored > lastSaved,
+        `vCPU ${cpu}: kvmclock goes on after the restore (${lastSaved} then ${firstRestored})`,
+      );
+    }
+    await within(qmp2.execute('quit'), 'quit');
+    await expectShutdownOnly(qmp2, 'host-qmp-quit');
+    const exit2 = await vm2.waitExit(SHUTDOWN_MS);
+    assert.deepEqual(exit2, { code: 0, signal: null }, vm2.stderr);
+
+    const records2 = parseTrace(readFileSync(traceFile2, 'utf8'));
+    assertRecordsWellFormed(records2, vm2.pid, startedAt2);
+    const { before: realize2, after: after2 } = splitAtStateChanges(records2, [
+      'running=1 state=running thread=main',
+      'running=0 state=shutdown thread=main',
+    ]);
+    const [incoming, quit2] = after2 as [TraceRecord[], TraceRecord[]];
+    assert.equal(count(realize2, getClock), 1, 'destination realize: one KVM_GET_CLOCK');
+    assert.equal(count(realize2, setClock), 0, 'destination: no KVM_SET_CLOCK before the start');
+    assert.equal(count(incoming, setClock), 1, 'incoming start: one KVM_SET_CLOCK');
+    assert.equal(count(incoming, getClock), 0, 'incoming start: no KVM_GET_CLOCK');
+    assertCtrlPerVcpu(incoming, cpus, 'incoming start', '0');
+    assert.equal(count(quit2, getClock), 1, 'quit: one KVM_GET_CLOCK');
+    assert.equal(count(quit2, setClock), 0);
+    assert.equal(count(quit2, ctrlEvent), 0);
   });
 }
 
@@ -347,7 +478,7 @@ function assertClockFrozen(lines: readonly ProbeLine[], resumedAt: number, cpus:
 }
 
 test('the guest kvmclock does not advance across a 2 s stop; every vCPU sees GUEST_STOPPED', {
-  timeout: 120_000,
+  timeout: scaled(120_000),
 }, async (t) => {
   if (!requireKvm(t)) return;
   const cpus = 2;
@@ -368,7 +499,7 @@ test('the guest kvmclock does not advance across a 2 s stop; every vCPU sees GUE
 });
 
 test('with -x-no-kvmclock-ctrl the guest never sees GUEST_STOPPED', {
-  timeout: 120_000,
+  timeout: scaled(120_000),
 }, async (t) => {
   if (!requireKvm(t)) return;
   const cpus = 2;

@@ -1,3 +1,5 @@
+import { scaled } from './time-scale.js';
+
 /**
  * Retries `check` (which throws while its condition does not hold yet)
  * until it passes or `timeoutMs` has gone by, then rethrows its last error.
@@ -5,7 +7,7 @@
  * guessing how long that takes on a loaded machine.
  */
 export async function eventually(check: () => void, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
+  const deadline = Date.now() + scaled(timeoutMs);
   for (;;) {
     try {
       check();

@@ -2,6 +2,7 @@ import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type MachineOptions, X86Machine } from '../hw/i386/machine.js';
+import { scaled } from './time-scale.js';
 
 /** A machine whose UART writes to a temp file, and a way to read what it wrote. */
 export interface MachineUnderTest {
@@ -38,10 +39,10 @@ export async function waitFor(
   check: () => boolean,
   timeoutMs = 20_000,
 ): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
+  const limit = scaled(timeoutMs);
+  const deadline = Date.now() + limit;
   while (!check()) {
-    if (Date.now() > deadline)
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (Date.now() > deadline) throw new Error(`timed out after ${limit} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 10));
   }
 }
@@ -56,9 +57,12 @@ export interface ProbeLine {
 const PROBE_LINE = /^probe cpu=(\d+) (\w+)((?: \w+=\d+)*)$/;
 
 /** Parses every complete line; a line that is not in the probe's format throws (a torn or lost line). */
-export function parseProbeOutput(text: string): ProbeLine[] {
+export function parseProbeOutput(text: string, options: { resumed?: boolean } = {}): ProbeLine[] {
   const lines = text.split('\n');
   lines.pop(); // the last piece is incomplete (or empty)
+  // A guest restored from a migration may finish a line whose start went
+  // out from the source before the save: that first piece is not ours.
+  if (options.resumed && lines.length > 0 && !lines[0]!.startsWith('probe cpu=')) lines.shift();
   return lines.map((line) => {
     const m = PROBE_LINE.exec(line);
     if (!m) throw new Error(`malformed probe line: ${JSON.stringify(line)}`);

@@ -12,16 +12,17 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { isJsonObject } from '../monitor/json-value.js';
 import { QmpClient } from '../monitor/qmp-client.js';
+import { scaled } from './time-scale.js';
 
 /** The compiled entry point, next to this compiled test. */
 export const MAIN_SCRIPT = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 
 /** How long a command that should exit at once may take. */
-export const QUICK_EXIT_MS = 15_000;
+export const QUICK_EXIT_MS = scaled(15_000);
 /** How long a VM may take to shut down after quit or a signal. */
-export const SHUTDOWN_MS = 20_000;
+export const SHUTDOWN_MS = scaled(20_000);
 /** How long any single QMP exchange or event may take. */
-export const QMP_MS = 15_000;
+export const QMP_MS = scaled(15_000);
 
 export interface Exit {
   code: number | null;
@@ -126,7 +127,7 @@ export class Scope {
 
   /** Connects to `socket`, retrying until tsvmm listens there (or has exited). */
   async connect(socket: string, vm: Tsvmm, timeoutMs = 30_000): Promise<QmpClient> {
-    const deadline = Date.now() + timeoutMs;
+    const deadline = Date.now() + scaled(timeoutMs);
     for (;;) {
       if (vm.exited) {
         throw new Error(`tsvmm exited before its QMP socket was up.\nstderr:\n${vm.stderr}`);
