@@ -54,7 +54,7 @@ async function bootProbeOs(
   );
 }
 
-for (const cpus of [1, 2, 4]) {
+for (const cpus of [1, 2, 4, 8]) {
   test(`probe OS with ${cpus} vCPU(s) and 512 MiB: every CPU uses kvmclock and ticks`, async (t) => {
     if (!requireKvm(t)) return;
     await bootProbeOs(cpus, 'probe.tick_ms=20', async ({ output }) => {
