@@ -92,14 +92,14 @@ for (const cpus of [1, 2, 4]) {
         assert.equal(machine.kvmclock.clock, savedClock, 'kvmclock loaded as saved');
         await machine.lifecycle.vmStart();
         await waitFor('every vCPU reporting stopped and ticking again', () => {
-          const lines = parseProbeOutput(output().slice(before));
+          const lines = parseProbeOutput(output().slice(before), { resumed: true });
           return Array.from({ length: cpus }, (_, c) => c).every(
             (c) =>
               lines.some((l) => l.cpu === c && l.event === 'stopped') &&
               lines.some((l) => l.cpu === c && l.event === 'tick'),
           );
         });
-        const lines = parseProbeOutput(output().slice(before));
+        const lines = parseProbeOutput(output().slice(before), { resumed: true });
         assert.deepEqual(
           lines.filter((l) => l.event === 'backwards' || l.event === 'ready'),
           [],
