@@ -49,7 +49,6 @@ import { traceEvent, withTraceThreadName } from '../trace/control.js';
 import {
   MIGRATION_CAPABILITIES,
   MigrationCapabilities,
-  type MigrationCapability,
   type MigrationCapabilityStatus,
 } from './capabilities.js';
 import {
@@ -694,10 +693,6 @@ export class MachineMigration implements MigrationControl {
     return this.capabilities.query();
   }
 
-  /** Whether `capability` is on. */
-  hasCapability(capability: MigrationCapability): boolean {
-    return this.capabilities.has(capability);
-  }
 
   /** Cancels what is under way and stops listening; for the process's cleanup and tests. */
   async close(): Promise<void> {
