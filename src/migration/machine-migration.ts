@@ -693,7 +693,6 @@ export class MachineMigration implements MigrationControl {
     return this.capabilities.query();
   }
 
-
   /** Cancels what is under way and stops listening; for the process's cleanup and tests. */
   async close(): Promise<void> {
     await this.cancel();
