@@ -79,3 +79,10 @@ export class MigrationStateError extends TsvmmError {
     super('MIGRATION_INVALID_STATE', message);
   }
 }
+
+/** migrate-set-capabilities asked for a capability tsvmm cannot honour. */
+export class MigrationCapabilityError extends TsvmmError {
+  constructor(message: string) {
+    super('MIGRATION_UNSUPPORTED_CAPABILITY', message);
+  }
+}

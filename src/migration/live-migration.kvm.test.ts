@@ -224,6 +224,18 @@ async function waitMigrateStatus(
   }
 }
 
+/** Turns on the `events` capability (QEMU sends MIGRATION events only with it) and checks it took. */
+async function enableMigrationEvents(qmp: QmpClient): Promise<void> {
+  const capabilities = [{ capability: 'events', state: true }];
+  await within(qmp.execute('migrate-set-capabilities', { capabilities }), 'set capabilities');
+  const caps = await within(qmp.execute('query-migrate-capabilities'), 'query capabilities');
+  assert.ok(Array.isArray(caps), JSON.stringify(caps));
+  assert.deepEqual(
+    caps.filter((c) => isJsonObject(c) && c.state === true),
+    capabilities,
+  );
+}
+
 /** MIGRATION statuses and MIGRATION_PASS numbers, in order, until `last` (or a failure). */
 async function migrationEvents(qmp: QmpClient, last: string): Promise<string[]> {
   const seen: string[] = [];
@@ -378,6 +390,7 @@ async function migrateAndCheck(
   await within(srcQmp.execute('migrate-set-parameters', { 'downtime-limit': 300 }), 'set params');
   const params = await within(srcQmp.execute('query-migrate-parameters'), 'query params');
   assert.ok(isJsonObject(params) && params['downtime-limit'] === 300);
+  await enableMigrationEvents(srcQmp);
   assert.deepEqual(await within(srcQmp.execute('migrate', { uri }), 'migrate'), {});
   const seen = await migrationEvents(srcQmp, 'completed');
   const statuses = seen.filter((s) => !s.startsWith('pass ') && s !== 'STOP' && s !== 'RESUME');
@@ -565,6 +578,7 @@ describe('live migration between tsvmm processes (needs KVM)', () => {
       qmp.execute('migrate-set-parameters', { 'downtime-limit': 120_000, 'max-bandwidth': 0 }),
       'set params',
     );
+    await enableMigrationEvents(qmp);
     await within(qmp.execute('migrate', { uri: `unix:${path}` }), 'migrate');
     await within(qmp.nextEvent('STOP'), 'the completion to stop the source', MIGRATE_MS);
     assert.equal((await queryMigrate(qmp)).status, 'active', 'still sending');
@@ -596,6 +610,7 @@ describe('live migration between tsvmm processes (needs KVM)', () => {
     assert.equal(await status(dstQmp), 'inmigrate');
     // 8 MiB/s: the first pass alone takes ~8 s.
     await within(qmp.execute('migrate-set-parameters', { 'max-bandwidth': 8 * MiB }), 'set params');
+    await enableMigrationEvents(qmp);
     await within(qmp.execute('migrate', { uri }), 'migrate');
     const deadline = Date.now() + MIGRATE_MS;
     for (;;) {

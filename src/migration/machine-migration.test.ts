@@ -21,11 +21,14 @@ import {
   SET_CPU_STATE_OP,
   x86MigrationDevices,
 } from '../hw/i386/migration-devices.js';
+import type { JsonObject } from '../monitor/json-value.js';
 import { VmLifecycle } from '../system/cpus.js';
 import { BottomHalf } from '../system/main-loop.js';
 import { RecordingCpus } from '../system/recording-cpus.js';
 import { type RunState, RunStateMachine } from '../system/runstate.js';
 import { captureTrace } from '../trace/capture.js';
+import { MIGRATION_CAPABILITIES } from './capabilities.js';
+import { MigrationCapabilityError, MigrationParameterError } from './errors.js';
 import { guestMemoryRam } from './guest-memory-ram.js';
 import {
   type DirtyLog,
@@ -131,6 +134,8 @@ interface HarnessOptions {
   progress?: ProgressStream;
   /** Guest RAM in a GuestMemory mapping (its content: `ram`'s at start): the migration thread is a worker. */
   mapped?: GuestMemory;
+  /** The `events` capability (on by default here, so the tests can follow the statuses). */
+  events?: boolean;
 }
 
 function harness(o: HarnessOptions = {}) {
@@ -234,6 +239,7 @@ function harness(o: HarnessOptions = {}) {
     log: () => {},
     onIncomingFailed: (e) => failures.push(e),
   });
+  if (o.events !== false) migration.setCapabilities([{ capability: 'events', state: true }]);
   return {
     log,
     events,
@@ -435,9 +441,154 @@ describe('MachineMigration (recording vCPU double)', () => {
     await assert.rejects(src.migration.migrate('ftp:x'), /bad migration URI/);
     assert.deepEqual(src.migration.queryMigrate(), {});
     src.migration.setParameters({ 'downtime-limit': 50, 'max-bandwidth': 0 });
-    assert.deepEqual(src.migration.queryParameters(), { 'downtime-limit': 50, 'max-bandwidth': 0 });
+    const params = src.migration.queryParameters();
+    assert.equal(params['downtime-limit'], 50);
+    assert.equal(params['max-bandwidth'], 0);
     await assert.rejects(src.migration.migrateIncoming(`file:${join(dir, 'x')}`), /-incoming/);
     assert.ok(!existsSync(join(dir, 'x')));
+  });
+
+  test('without the events capability no MIGRATION or MIGRATION_PASS event is sent', async () => {
+    const src = harness({ seed: true, events: false });
+    await src.lifecycle.vmStart();
+    await src.migration.migrate(`file:${join(dir, 'quiet.state')}`);
+    await src.migration.whenIdle();
+    assert.equal(src.migration.status, 'completed');
+    assert.deepEqual(src.events, []);
+  });
+
+  test("query-migrate-capabilities lists QEMU 7.2's capabilities; unsupported ones are refused as a whole", () => {
+    const src = harness({ events: false });
+    const all = src.migration.queryCapabilities();
+    assert.deepEqual(
+      all.map((c) => c.capability),
+      [...MIGRATION_CAPABILITIES],
+    );
+    assert.equal(all.length, 21);
+    assert.ok(all.every((c) => c.state === false));
+    src.migration.setCapabilities([
+      { capability: 'events', state: true },
+      { capability: 'pause-before-switchover', state: true },
+      { capability: 'xbzrle', state: false },
+    ]);
+    const on = () =>
+      src.migration
+        .queryCapabilities()
+        .filter((c) => c.state)
+        .map((c) => c.capability);
+    assert.deepEqual(on(), ['events', 'pause-before-switchover']);
+    assert.throws(
+      () =>
+        src.migration.setCapabilities([
+          { capability: 'events', state: false },
+          { capability: 'postcopy-ram', state: true },
+        ]),
+      (e: unknown) =>
+        e instanceof MigrationCapabilityError &&
+        e.code === 'MIGRATION_UNSUPPORTED_CAPABILITY' &&
+        /'postcopy-ram'.*precopy only/.test(e.message),
+    );
+    assert.deepEqual(on(), ['events', 'pause-before-switchover'], 'nothing half-applied');
+    // A later entry for the same capability wins, as in QEMU.
+    src.migration.setCapabilities([
+      { capability: 'events', state: false },
+      { capability: 'events', state: true },
+      { capability: 'pause-before-switchover', state: false },
+    ]);
+    assert.deepEqual(on(), ['events']);
+  });
+
+  test("migrate-set-parameters: QEMU's other parameters keep their defaults; a change to one is refused", () => {
+    const src = harness();
+    const before = src.migration.queryParameters();
+    assert.equal(before['downtime-limit'], 300);
+    assert.equal(before['max-bandwidth'], 128 << 20);
+    assert.equal(before['compress-level'], 1);
+    assert.equal(before['tls-creds'], '');
+    assert.equal(before['multifd-compression'], 'none');
+    // What libvirt sends when it does not use TLS: the values in effect.
+    src.migration.setParameters({ 'tls-creds': '', 'tls-hostname': null, 'downtime-limit': 100 });
+    assert.equal(src.migration.queryParameters()['downtime-limit'], 100);
+    const refused: JsonObject[] = [
+      { 'compress-level': 9 },
+      { 'tls-creds': 'tls0' },
+      { 'xbzrle-cache-size': 1 << 20 },
+      { 'block-bitmap-mapping': [] },
+      { 'downtime-limit': 50, 'multifd-channels': 4 },
+    ];
+    for (const bad of refused) {
+      assert.throws(
+        () => src.migration.setParameters(bad),
+        (e: unknown) =>
+          e instanceof MigrationParameterError &&
+          /parameters with an effect: downtime-limit, max-bandwidth/.test(e.message),
+        JSON.stringify(bad),
+      );
+    }
+    assert.deepEqual(src.migration.queryParameters(), { ...before, 'downtime-limit': 100 });
+  });
+
+  test('pause-before-switchover: the stopped source waits in pre-switchover until migrate-continue', async () => {
+    const src = harness({ seed: true });
+    src.migration.setCapabilities([{ capability: 'pause-before-switchover', state: true }]);
+    await src.lifecycle.vmStart();
+    const path = join(dir, 'paused.state');
+    await src.migration.migrate(`file:${path}`);
+    await until('pre-switchover', () => src.migration.status === 'pre-switchover');
+    assert.equal(src.lifecycle.runstate.current, 'finish-migrate', 'stopped while paused');
+    assert.equal(existsSync(path), false, 'nothing is complete while paused');
+    assert.throws(
+      () => src.migration.setCapabilities([{ capability: 'events', state: false }]),
+      /There's a migration process in progress/,
+    );
+    assert.throws(() => src.migration.migrateContinue('active'), {
+      message: 'Migration not in expected state: pre-switchover',
+    });
+    // Still paused after the refused continue.
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(src.migration.status, 'pre-switchover');
+    src.migration.migrateContinue('pre-switchover');
+    await src.migration.whenIdle();
+    assert.deepEqual(statuses(src.events), [
+      'setup',
+      'active',
+      'pass 1',
+      'pre-switchover',
+      'device',
+      'completed',
+    ]);
+    assert.equal(src.lifecycle.runstate.current, 'postmigrate');
+    const dst = harness({ initial: 'inmigrate' });
+    await dst.migration.startIncoming(`file:${path}`);
+    await dst.migration.whenIdle();
+    await until('the incoming migration', () => dst.migration.status === 'completed');
+    assert.ok(
+      Buffer.from(dst.ram.memory.get('pc.ram')!).equals(Buffer.from(src.ram.memory.get('pc.ram')!)),
+      'RAM equal',
+    );
+  });
+
+  test('pause-before-switchover: migrate_cancel in pre-switchover cancels and resumes the VM', async () => {
+    const src = harness({ seed: true });
+    src.migration.setCapabilities([{ capability: 'pause-before-switchover', state: true }]);
+    await src.lifecycle.vmStart();
+    await src.migration.migrate(`file:${join(dir, 'cancelled.state')}`);
+    await until('pre-switchover', () => src.migration.status === 'pre-switchover');
+    await src.migration.cancel();
+    await src.migration.whenIdle();
+    assert.deepEqual(statuses(src.events), [
+      'setup',
+      'active',
+      'pass 1',
+      'pre-switchover',
+      'cancelling',
+      'cancelled',
+    ]);
+    assert.equal(src.lifecycle.runstate.current, 'running');
+    assert.throws(() => src.migration.migrateContinue('pre-switchover'), {
+      message: 'Migration not in expected state: cancelled',
+    });
+    assert.equal(existsSync(join(dir, 'cancelled.state')), false);
   });
 });
 

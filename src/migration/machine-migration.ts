@@ -47,6 +47,11 @@ import type { VmLifecycle } from '../system/cpus.js';
 import type { RunState } from '../system/runstate.js';
 import { traceEvent, withTraceThreadName } from '../trace/control.js';
 import {
+  MIGRATION_CAPABILITIES,
+  MigrationCapabilities,
+  type MigrationCapabilityStatus,
+} from './capabilities.js';
+import {
   type IncomingChannel,
   type IncomingEndpoint,
   listenIncoming,
@@ -61,10 +66,14 @@ import type { ByteSink } from './qemu-file.js';
 import { PAGE_SIZE, type RamAccessor, type RamPageSelection, ramTotal } from './ram.js';
 import { WorkerStreamWriter } from './ram-worker.js';
 import {
+  MIGRATION_PARAMETER_TYPES,
+  MIGRATION_STATUS_VALUES,
   type MigrationEvent,
   MigrationStateMachine,
   type MigrationStatus,
+  MULTIFD_COMPRESSION_VALUES,
   migrationIsRunning,
+  migrationParametersView,
 } from './state.js';
 import {
   type DeviceSection,
@@ -155,7 +164,13 @@ const PROGRESS_MS = 250;
 /** A save shorter than this prints no progress line. */
 const PROGRESS_AFTER_MS = 1000;
 
-const PARAMETER_SCHEMA: QmpArgsSchema = { '*downtime-limit': 'int', '*max-bandwidth': 'int' };
+/** migrate-set-parameters' members: every parameter QEMU 7.2 has, all optional. */
+const PARAMETER_SCHEMA: QmpArgsSchema = Object.fromEntries(
+  Object.entries(MIGRATION_PARAMETER_TYPES).map(([name, type]) => [
+    `*${name}`,
+    type === 'multifd-compression' ? { enum: MULTIFD_COMPRESSION_VALUES } : type,
+  ]),
+);
 
 /**
  * The sink between the stream writer and the channel: it counts bytes,
@@ -221,6 +236,8 @@ interface OutgoingJob {
   channel: OutgoingChannel | undefined;
   sink: ControlledSink | undefined;
   done: Promise<void>;
+  /** While paused in pre-switchover: ends the pause (migrate-continue, or a cancel). */
+  releasePause: (() => void) | undefined;
 }
 
 /** The union of two page selections, per block, pages ascending. */
@@ -251,10 +268,28 @@ function toJson(value: unknown): JsonValue {
   return JSON.parse(JSON.stringify(value)) as JsonValue;
 }
 
+/** A capability entry whose name the QMP schema has checked against MIGRATION_CAPABILITIES. */
+function checkedCapability(entry: {
+  capability: string;
+  state: boolean;
+}): MigrationCapabilityStatus {
+  const capability = MIGRATION_CAPABILITIES.find((c) => c === entry.capability);
+  if (capability === undefined) {
+    throw new QmpError(
+      'GenericError',
+      `Parameter 'capability' does not accept value '${entry.capability}'`,
+    );
+  }
+  return { capability, state: entry.state };
+}
+
 /** Outgoing and incoming migration of one machine; the monitor's MigrationControl. */
 export class MachineMigration implements MigrationControl {
   readonly parameterSchema = PARAMETER_SCHEMA;
+  readonly capabilityNames: readonly string[] = MIGRATION_CAPABILITIES;
+  readonly statusNames: readonly string[] = MIGRATION_STATUS_VALUES;
   private readonly state: MigrationStateMachine;
+  private readonly capabilities = new MigrationCapabilities();
   private readonly log: (message: string) => void;
   private readonly now: () => number;
   private outgoing: OutgoingJob | undefined;
@@ -272,7 +307,8 @@ export class MachineMigration implements MigrationControl {
       now: this.now,
       onEvent: (e) => {
         if (e.event === 'MIGRATION') traceSetState.emit({ new_state: e.data.status });
-        host.emitEvent(e);
+        // QEMU sends MIGRATION and MIGRATION_PASS only with the events capability on.
+        if (this.capabilities.has('events')) host.emitEvent(e);
       },
     });
   }
@@ -315,6 +351,7 @@ export class MachineMigration implements MigrationControl {
       channel: undefined,
       sink: undefined,
       done: Promise.resolve(),
+      releasePause: undefined,
     };
     this.outgoing = job;
     // Everything the task does, and the lifecycle calls it makes, traces as thread=migration.
@@ -328,6 +365,8 @@ export class MachineMigration implements MigrationControl {
     if (!this.state.cancel()) return;
     job.cancelled = true;
     if (job.sink) job.sink.cancelled = true;
+    // A source paused in pre-switchover stops waiting and goes on to cancelled.
+    job.releasePause?.();
     // Break a write that is blocked (a pipe nobody reads): the task sees the error and finishes.
     await job.channel?.abort().catch(() => undefined);
   }
@@ -386,6 +425,7 @@ export class MachineMigration implements MigrationControl {
       this.state.stopForCompletion();
       stoppedFrom = lifecycle.runstate.current;
       await lifecycle.vmStopForceState('finish-migrate');
+      await this.maybePause(job, target);
       sink.limited = false;
       const downtimeStart = sink.bytes;
       if (host.dirtyLog) {
@@ -461,6 +501,44 @@ export class MachineMigration implements MigrationControl {
       const fits = remaining <= bytesPerMs * this.state.parameters['downtime-limit'];
       if (fits || pass >= MAX_PASSES) return selection;
     }
+  }
+
+  /**
+   * QEMU's migration_maybe_pause: with pause-before-switchover on, the
+   * stopped source waits in `pre-switchover` until migrate-continue (or a
+   * cancel), then goes on in `device` to send the device state.
+   */
+  private async maybePause(job: OutgoingJob, target: MigrationUri): Promise<void> {
+    if (!this.capabilities.has('pause-before-switchover')) return;
+    this.checkCancelled(job, target);
+    const released = new Promise<void>((resolve) => {
+      job.releasePause = resolve;
+    });
+    if (this.state.setStatus('active', 'pre-switchover')) {
+      traceCompletion.emit({ state: 'pre-switchover' });
+      await released;
+    }
+    job.releasePause = undefined;
+    if (!this.state.setStatus('pre-switchover', 'device')) {
+      this.checkCancelled(job, target);
+      throw new MigrationChannelError(
+        'MIGRATION_CANCELLED',
+        `the migration left pre-switchover as '${this.state.status}', not 'device'`,
+      );
+    }
+  }
+
+  /**
+   * QMP `migrate-continue`: `state` must be the current status (QEMU's
+   * check); in pre-switchover the paused source goes on. Otherwise it does
+   * nothing, as QEMU's extra semaphore post has no effect.
+   */
+  migrateContinue(state: string): void {
+    const current = this.state.status;
+    if (current !== state) {
+      throw new QmpError('GenericError', `Migration not in expected state: ${current}`);
+    }
+    this.outgoing?.releasePause?.();
   }
 
   private checkCancelled(job: OutgoingJob, target: MigrationUri): void {
@@ -593,10 +671,26 @@ export class MachineMigration implements MigrationControl {
     this.outgoing?.sink?.resetWindow();
   }
 
-  /** query-migrate-parameters. */
+  /** query-migrate-parameters: QEMU 7.2's set; those without effect here show their defaults. */
   queryParameters(): JsonObject {
-    const p = this.state.parameters;
-    return { 'downtime-limit': p['downtime-limit'], 'max-bandwidth': p['max-bandwidth'] };
+    return migrationParametersView(this.state.parameters);
+  }
+
+  /**
+   * migrate-set-capabilities: refused while an outgoing migration runs
+   * (QEMU's check), and as a whole when any capability turned on is one
+   * tsvmm cannot honour.
+   */
+  setCapabilities(list: readonly { capability: string; state: boolean }[]): void {
+    if (this.outgoing !== undefined && migrationIsRunning(this.state.status)) {
+      throw new QmpError('GenericError', "There's a migration process in progress");
+    }
+    this.capabilities.set(list.map(checkedCapability));
+  }
+
+  /** query-migrate-capabilities: every capability QEMU 7.2 lists, with its state. */
+  queryCapabilities(): MigrationCapabilityStatus[] {
+    return this.capabilities.query();
   }
 
   /** Cancels what is under way and stops listening; for the process's cleanup and tests. */

@@ -20,6 +20,27 @@ export type MigrationStatus =
   | 'wait-unplug';
 
 /**
+ * The statuses QEMU 7.2's QAPI MigrationStatus enum accepts (migrate-continue's
+ * `state`); postcopy-recover-setup came later.
+ */
+export const MIGRATION_STATUS_VALUES: readonly MigrationStatus[] = [
+  'none',
+  'setup',
+  'cancelling',
+  'cancelled',
+  'active',
+  'postcopy-active',
+  'postcopy-paused',
+  'postcopy-recover',
+  'completed',
+  'failed',
+  'colo',
+  'pre-switchover',
+  'device',
+  'wait-unplug',
+];
+
+/**
  * The status changes a migration makes, as QEMU's migration code performs
  * them (migrate_set_state calls in migration.c). A finished migration
  * (completed, failed, cancelled) may start again with setup.
@@ -64,9 +85,67 @@ export const DEFAULT_MIGRATION_PARAMETERS: Readonly<MigrationParameters> = {
 /** QEMU's ceiling for downtime-limit: 2000 seconds, in milliseconds. */
 export const MAX_DOWNTIME_LIMIT_MS = 2_000_000;
 
+/** A migration parameter's QMP type, as qmp-schema spells it. */
+type ParameterType = 'uint8' | 'uint32' | 'uint64' | 'bool' | 'StrOrNull' | 'multifd-compression';
+
+/**
+ * QEMU 7.2's migration parameters other than the two tsvmm uses, with the
+ * value query-migrate-parameters shows for each (QEMU's default) and what
+ * tsvmm lacks for it to mean anything. migrate-set-parameters accepts each
+ * at that value only (a change to what is already in effect); any other
+ * value is refused, never stored without an effect.
+ */
+const INERT_PARAMETERS: Readonly<
+  Record<string, { type: ParameterType; value: string | number | boolean; lacks: string }>
+> = {
+  'announce-initial': { type: 'uint64', value: 50, lacks: 'network devices to announce' },
+  'announce-max': { type: 'uint64', value: 550, lacks: 'network devices to announce' },
+  'announce-rounds': { type: 'uint64', value: 5, lacks: 'network devices to announce' },
+  'announce-step': { type: 'uint64', value: 100, lacks: 'network devices to announce' },
+  'compress-level': { type: 'uint8', value: 1, lacks: 'page compression' },
+  'compress-threads': { type: 'uint8', value: 8, lacks: 'page compression' },
+  'compress-wait-thread': { type: 'bool', value: true, lacks: 'page compression' },
+  'decompress-threads': { type: 'uint8', value: 2, lacks: 'page compression' },
+  'throttle-trigger-threshold': { type: 'uint8', value: 50, lacks: 'vCPU throttling' },
+  'cpu-throttle-initial': { type: 'uint8', value: 20, lacks: 'vCPU throttling' },
+  'cpu-throttle-increment': { type: 'uint8', value: 10, lacks: 'vCPU throttling' },
+  'cpu-throttle-tailslow': { type: 'bool', value: false, lacks: 'vCPU throttling' },
+  'tls-creds': { type: 'StrOrNull', value: '', lacks: 'TLS on migration channels' },
+  'tls-hostname': { type: 'StrOrNull', value: '', lacks: 'TLS on migration channels' },
+  'tls-authz': { type: 'StrOrNull', value: '', lacks: 'TLS on migration channels' },
+  'x-checkpoint-delay': { type: 'uint32', value: 20000, lacks: 'COLO checkpoints' },
+  'block-incremental': { type: 'bool', value: false, lacks: 'block migration' },
+  'multifd-channels': { type: 'uint8', value: 2, lacks: 'multifd' },
+  'xbzrle-cache-size': { type: 'uint64', value: 64 << 20, lacks: 'XBZRLE' },
+  'max-postcopy-bandwidth': { type: 'uint64', value: 0, lacks: 'postcopy' },
+  'max-cpu-throttle': { type: 'uint8', value: 99, lacks: 'vCPU throttling' },
+  'multifd-compression': { type: 'multifd-compression', value: 'none', lacks: 'multifd' },
+  'multifd-zlib-level': { type: 'uint8', value: 1, lacks: 'multifd' },
+  'multifd-zstd-level': { type: 'uint8', value: 1, lacks: 'multifd' },
+};
+
+/** The parameters that take effect here. */
+export const SUPPORTED_MIGRATION_PARAMETERS = ['downtime-limit', 'max-bandwidth'] as const;
+
+/**
+ * migrate-set-parameters' members in QAPI's types (for the QMP schema):
+ * every parameter QEMU 7.2 has, so a wrong type gets QEMU's wording.
+ * `block-bitmap-mapping` is listed so that it is refused with a reason.
+ */
+export const MIGRATION_PARAMETER_TYPES: Readonly<Record<string, ParameterType | 'any'>> = {
+  'downtime-limit': 'uint64',
+  'max-bandwidth': 'uint64',
+  ...Object.fromEntries(Object.entries(INERT_PARAMETERS).map(([k, v]) => [k, v.type])),
+  'block-bitmap-mapping': 'any',
+};
+
+/** QEMU 7.2's MultiFDCompression values (zstd where QEMU is built with it, as Debian's is). */
+export const MULTIFD_COMPRESSION_VALUES = ['none', 'zlib', 'zstd'] as const;
+
 /**
  * Checks migrate-set-parameters arguments without applying any of them
  * (QEMU validates the whole set first, so a bad value changes nothing).
+ * Returns the values of the parameters that take effect.
  */
 export function validateMigrationParameters(
   args: Record<string, unknown>,
@@ -95,11 +174,43 @@ export function validateMigrationParameters(
         out['max-bandwidth'] = value;
         break;
       default:
-        throw new MigrationParameterError(
-          `migrate-set-parameters has no parameter '${key}' here; supported: downtime-limit, max-bandwidth`,
-        );
+        checkInertParameter(key, value);
     }
   }
+  return out;
+}
+
+/** A parameter without effect here may only be "set" to the value it has. */
+function checkInertParameter(key: string, value: unknown): void {
+  const supported = SUPPORTED_MIGRATION_PARAMETERS.join(', ');
+  const inert = INERT_PARAMETERS[key];
+  if (inert === undefined) {
+    const what =
+      key === 'block-bitmap-mapping'
+        ? 'tsvmm has no block dirty bitmaps to migrate'
+        : 'tsvmm does not know it';
+    throw new MigrationParameterError(
+      `migrate-set-parameters cannot set '${key}': ${what}; parameters with an effect: ${supported}`,
+    );
+  }
+  // QEMU's null for a TLS parameter means "back to the empty string".
+  const given = inert.type === 'StrOrNull' && value === null ? '' : value;
+  if (given === inert.value) return;
+  throw new MigrationParameterError(
+    `migrate-set-parameters cannot set '${key}' to ${JSON.stringify(value)}: tsvmm has no ` +
+      `${inert.lacks}, so '${key}' keeps its default ${JSON.stringify(inert.value)}; ` +
+      `parameters with an effect: ${supported}`,
+  );
+}
+
+/** query-migrate-parameters: QEMU 7.2's parameters, those without effect here at their defaults. */
+export function migrationParametersView(
+  params: Readonly<MigrationParameters>,
+): Record<string, string | number | boolean> {
+  const out: Record<string, string | number | boolean> = {};
+  for (const [key, { value }] of Object.entries(INERT_PARAMETERS)) out[key] = value;
+  out['downtime-limit'] = params['downtime-limit'];
+  out['max-bandwidth'] = params['max-bandwidth'];
   return out;
 }
 

@@ -26,7 +26,10 @@ export interface StandardCommandsOptions {
  * cont, quit, system_reset, query-version, query-name, query-kvm,
  * query-commands, query-cpus-fast, trace-event-get-state,
  * trace-event-set-state, human-monitor-command, and the migration commands
- * when `migration` is given. (qmp_capabilities belongs to the protocol and
+ * (migrate, migrate-incoming, query-migrate, migrate_cancel,
+ * migrate-continue, migrate-set-parameters, query-migrate-parameters,
+ * migrate-set-capabilities, query-migrate-capabilities) when `migration`
+ * is given. (qmp_capabilities belongs to the protocol and
  * is registered by QmpServer.)
  */
 export function registerStandardCommands(
@@ -179,6 +182,34 @@ function registerMigrationCommands(
   registry.register({
     name: 'query-migrate-parameters',
     handler: () => migration.queryParameters(),
+  });
+  registry.register({
+    name: 'migrate-set-capabilities',
+    args: {
+      capabilities: {
+        array: { struct: { capability: { enum: migration.capabilityNames }, state: 'bool' } },
+      },
+    },
+    handler: (args) => {
+      const list = (args.capabilities as JsonObject[]).map((entry) => ({
+        capability: entry.capability as string,
+        state: entry.state as boolean,
+      }));
+      migration.setCapabilities(list);
+      return {};
+    },
+  });
+  registry.register({
+    name: 'query-migrate-capabilities',
+    handler: () => migration.queryCapabilities().map((c) => ({ ...c })),
+  });
+  registry.register({
+    name: 'migrate-continue',
+    args: { state: { enum: migration.statusNames } },
+    handler: (args) => {
+      migration.migrateContinue(args.state as string);
+      return {};
+    },
   });
 }
 

@@ -4,6 +4,10 @@ import { QmpError } from './qmp-error.js';
 /**
  * The type of a command argument, in QAPI's spelling:
  * - `'str'`, `'int'` (a whole number), `'number'`, `'bool'`, `'any'`;
+ * - `'uint8'`, `'uint32'`, `'uint64'` (QAPI's unsigned integers and
+ *   `size`): like QEMU, a negative number is taken as its two's-complement
+ *   for uint64 and refused for the narrower ones;
+ * - `'StrOrNull'`: a string or null;
  * - `{ enum: [...] }`: a string from a fixed set;
  * - `{ array: T }`: a JSON array of T;
  * - a nested {@link QmpArgsSchema} for an object with known members.
@@ -14,6 +18,10 @@ export type QmpType =
   | 'number'
   | 'bool'
   | 'any'
+  | 'uint8'
+  | 'uint32'
+  | 'uint64'
+  | 'StrOrNull'
   | { readonly enum: readonly string[] }
   | { readonly array: QmpType }
   | { readonly struct: QmpArgsSchema };
@@ -33,7 +41,10 @@ export type QmpArgsSchema = Readonly<Record<string, QmpType>>;
  * Throws a GenericError {@link QmpError} worded as QEMU's:
  * `Parameter 'x' is missing`, `Invalid parameter type for 'x', expected:
  * integer`, `Parameter 'x' is unexpected`, `Parameter 'x' does not accept
- * value 'y'`. Nested members are named `a.b`, list elements `a[0]`.
+ * value 'y'`, `Parameter 'x' expects uint8_t`. Nested members are named
+ * `a.b`, list elements `a[0]`, except where QEMU's visitor names only the
+ * member itself (a bad enum value, an unsigned integer out of range) or,
+ * for a list element, `null`.
  */
 export function validateArgs(schema: QmpArgsSchema, args: JsonObject): void {
   checkStruct(schema, args, '');
@@ -50,16 +61,34 @@ function checkStruct(schema: QmpArgsSchema, obj: JsonObject, prefix: string): vo
       if (optional) continue;
       throw invalid(`Parameter '${full}' is missing`);
     }
-    checkValue(type, obj[name]!, full);
+    checkValue(type, obj[name]!, full, name);
   }
   for (const name of Object.keys(obj)) {
     if (!known.has(name)) throw invalid(`Parameter '${prefix}${name}' is unexpected`);
   }
 }
 
-function checkValue(type: QmpType, value: JsonValue, full: string): void {
+/** `name`: the bare member name QEMU uses in some messages; null for a list element. */
+function checkValue(type: QmpType, value: JsonValue, full: string, name: string | null): void {
   if (typeof type === 'string') {
     switch (type) {
+      case 'uint8':
+      case 'uint32':
+      case 'uint64': {
+        // QEMU reads any integer from -2^63 to 2^64-1 as a uint64 (a negative
+        // one wraps); JSON numbers are exact only to 2^53.
+        if (typeof value !== 'number' || !Number.isSafeInteger(value)) {
+          throw invalid(`Parameter '${full}' expects uint64`);
+        }
+        const max = type === 'uint8' ? 0xff : type === 'uint32' ? 0xffff_ffff : undefined;
+        if (max !== undefined && (value < 0 || value > max)) {
+          throw invalid(`Parameter '${name ?? 'null'}' expects ${type}_t`);
+        }
+        return;
+      }
+      case 'StrOrNull':
+        if (typeof value !== 'string' && value !== null) throw wrongType(full, 'StrOrNull');
+        return;
       case 'any':
         return;
       case 'str':
@@ -81,14 +110,14 @@ function checkValue(type: QmpType, value: JsonValue, full: string): void {
   if ('enum' in type) {
     if (typeof value !== 'string') throw wrongType(full, 'string');
     if (!type.enum.includes(value)) {
-      throw invalid(`Parameter '${full}' does not accept value '${value}'`);
+      throw invalid(`Parameter '${name ?? 'null'}' does not accept value '${value}'`);
     }
     return;
   }
   if ('array' in type) {
     if (!Array.isArray(value)) throw wrongType(full, 'array');
     value.forEach((element, i) => {
-      checkValue(type.array, element, `${full}[${i}]`);
+      checkValue(type.array, element, `${full}[${i}]`, null);
     });
     return;
   }

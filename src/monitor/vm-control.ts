@@ -77,8 +77,9 @@ export interface VmControl {
 /**
  * What the monitor needs from migration. When the lead passes one to
  * `registerStandardCommands`, migrate, migrate-incoming, query-migrate,
- * migrate_cancel, migrate-set-parameters and query-migrate-parameters are
- * registered; without it they do not exist (CommandNotFound), rather than
+ * migrate_cancel, migrate-continue, migrate-set-parameters,
+ * query-migrate-parameters, migrate-set-capabilities and
+ * query-migrate-capabilities are registered; without it they do not exist (CommandNotFound), rather than
  * existing and failing.
  *
  * Methods throw {@link QmpError} (or any Error, answered as GenericError)
@@ -99,6 +100,20 @@ export interface MigrationControl {
   setParameters(params: JsonObject): void;
   /** query-migrate-parameters' MigrationParameters. */
   queryParameters(): JsonObject;
+  /** The capability names migrate-set-capabilities accepts (QEMU's enum: others get its error). */
+  readonly capabilityNames: readonly string[];
+  /**
+   * migrate-set-capabilities with a list whose names are in
+   * `capabilityNames`; refuses the whole list, changing nothing, if any
+   * entry cannot be honoured or a migration is running.
+   */
+  setCapabilities(list: readonly { capability: string; state: boolean }[]): void;
+  /** query-migrate-capabilities: every capability with its state. */
+  queryCapabilities(): { capability: string; state: boolean }[];
+  /** The MigrationStatus names migrate-continue's `state` accepts. */
+  readonly statusNames: readonly string[];
+  /** migrate-continue with a `state` from `statusNames`. */
+  migrateContinue(state: string): void;
 }
 
 /**
