@@ -17,7 +17,11 @@ const probeOs = fileURLToPath(new URL('../../../guests/probe-os/probe-os.elf', i
 /** `probe cpu=<n> <event> ...` lines of the probe OS, as [cpu, event, fields]. */
 function events(output: string, event: string): { cpu: number; fields: Record<string, string> }[] {
   const found: { cpu: number; fields: Record<string, string> }[] = [];
-  for (const raw of output.split('\n')) {
+  const lines = output.split('\n');
+  // The last piece may be a line still being written (one exit per byte
+  // where KVM emulates rep outsb): only whole lines count.
+  lines.pop();
+  for (const raw of lines) {
     const m = /^probe cpu=(\d+) (\w+)(.*)$/.exec(raw.trimEnd());
     if (!m || m[2] !== event) continue;
     const fields: Record<string, string> = {};
