@@ -10,6 +10,7 @@ import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { requireKvm } from '../../test-support/kvm.js';
 import { type MachineUnderTest, waitFor, withMachine } from '../../test-support/machine.js';
+import { scaled } from '../../test-support/time-scale.js';
 
 const MiB = 2 ** 20;
 const probeOs = fileURLToPath(new URL('../../../guests/probe-os/probe-os.elf', import.meta.url));
@@ -75,33 +76,50 @@ for (const cpus of [1, 2, 4, 8]) {
   });
 }
 
+/**
+ * The probe OS's watchdog threshold and the stall that must trip it. Under
+ * emulation a vCPU thread can go without a CPU for far longer than on a
+ * KVM host, so both stretch with the time scale: a threshold the guest
+ * crosses only when stalled on purpose.
+ */
+const WATCHDOG_MS = scaled(300);
+const STALL_MS = scaled(1000);
+
 test('the watchdog fires when the host stalls the vCPUs without telling the guest', async (t) => {
   if (!requireKvm(t)) return;
-  await bootProbeOs(2, 'probe.tick_ms=20 probe.watchdog_ms=300', async ({ machine, output }) => {
-    // Paused behind the lifecycle's back: kvmclock keeps running and no KVMCLOCK_CTRL.
-    await machine.vcpus.pauseAll();
-    await new Promise((r) => setTimeout(r, 1000));
-    await machine.vcpus.resumeAll();
-    await waitFor('a softlockup report', () => events(output(), 'softlockup').length > 0, 10_000);
-    assert.ok(Number(events(output(), 'softlockup')[0]!.fields.gap_ms) >= 300);
-    assert.deepEqual(events(output(), 'forgiven'), []);
-  });
+  await bootProbeOs(
+    2,
+    `probe.tick_ms=20 probe.watchdog_ms=${WATCHDOG_MS}`,
+    async ({ machine, output }) => {
+      // Paused behind the lifecycle's back: kvmclock keeps running and no KVMCLOCK_CTRL.
+      await machine.vcpus.pauseAll();
+      await new Promise((r) => setTimeout(r, STALL_MS));
+      await machine.vcpus.resumeAll();
+      await waitFor('a softlockup report', () => events(output(), 'softlockup').length > 0, 10_000);
+      assert.ok(Number(events(output(), 'softlockup')[0]!.fields.gap_ms) >= WATCHDOG_MS);
+      assert.deepEqual(events(output(), 'forgiven'), []);
+    },
+  );
 });
 
 test('the watchdog forgives the stall when the guest was told (KVMCLOCK_CTRL)', async (t) => {
   if (!requireKvm(t)) return;
-  await bootProbeOs(2, 'probe.tick_ms=20 probe.watchdog_ms=300', async ({ machine, output }) => {
-    await machine.vcpus.pauseAll();
-    await new Promise((r) => setTimeout(r, 1000));
-    for (let cpu = 0; cpu < 2; cpu++) await machine.vcpus.runOnCpu(cpu, 'kvmclock_ctrl');
-    await machine.vcpus.resumeAll();
-    await waitFor(
-      'both CPUs forgiven',
-      () => new Set(events(output(), 'forgiven').map((e) => e.cpu)).size === 2,
-      10_000,
-    );
-    assert.deepEqual(events(output(), 'softlockup'), []);
-  });
+  await bootProbeOs(
+    2,
+    `probe.tick_ms=20 probe.watchdog_ms=${WATCHDOG_MS}`,
+    async ({ machine, output }) => {
+      await machine.vcpus.pauseAll();
+      await new Promise((r) => setTimeout(r, STALL_MS));
+      for (let cpu = 0; cpu < 2; cpu++) await machine.vcpus.runOnCpu(cpu, 'kvmclock_ctrl');
+      await machine.vcpus.resumeAll();
+      await waitFor(
+        'both CPUs forgiven',
+        () => new Set(events(output(), 'forgiven').map((e) => e.cpu)).size === 2,
+        10_000,
+      );
+      assert.deepEqual(events(output(), 'softlockup'), []);
+    },
+  );
 });
 
 test('serial input reaches the probe OS: `sum` and `clock` are answered', async (t) => {
