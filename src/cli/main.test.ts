@@ -1,29 +1,30 @@
 // End-to-end tests of the tsvmm command: each spawns `node dist/cli/main.js`
-// as a child process, with a deadline after which the child is killed by
-// pid, and removes its temp dir, socket and child in every outcome.
+// as a child process (test-support/tsvmm-process.ts), with a deadline after
+// which the child is killed by pid, and removes its temp dir, socket and
+// child in every outcome.
 //
 // The command-line tests run anywhere. The VM tests need a real /dev/kvm:
 // where the host kernel has none they report NOT RUN (requireKvm).
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import { DEFAULT_TICK_NS } from '../hw/i386/probe-boot.js';
 import { isJsonObject } from '../monitor/json-value.js';
-import { QmpClient } from '../monitor/qmp-client.js';
+import type { QmpClient } from '../monitor/qmp-client.js';
 import { requireKvm } from '../test-support/kvm.js';
 import { type ProbeLine, parseProbeOutput, waitFor } from '../test-support/machine.js';
+import {
+  type Exit,
+  ProcessScope as Scope,
+  within as withinMs,
+} from '../test-support/tsvmm-process.js';
 import { traceBody } from '../trace/capture.js';
 import { probeKvmHost } from '../util/kvm-gate.js';
 import { versionText } from './help.js';
 import { OPTION_SPECS } from './options.js';
-
-/** The compiled entry point, next to this compiled test. */
-const MAIN = fileURLToPath(new URL('./main.js', import.meta.url));
 
 /** How long a command that should exit at once may take. */
 const QUICK_EXIT_MS = 15_000;
@@ -32,142 +33,9 @@ const SHUTDOWN_MS = 20_000;
 /** How long any single QMP exchange or event may take. */
 const QMP_MS = 15_000;
 
-interface Exit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
-
-/** One tsvmm child process and everything it printed. */
-class Tsvmm {
-  readonly child: ChildProcess;
-  stdout = '';
-  stderr = '';
-  private exit: Exit | undefined;
-  private readonly exitPromise: Promise<Exit>;
-
-  constructor(args: readonly string[]) {
-    this.child = spawn(process.execPath, [MAIN, ...args], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    this.child.stdout!.setEncoding('utf8').on('data', (s: string) => {
-      this.stdout += s;
-    });
-    this.child.stderr!.setEncoding('utf8').on('data', (s: string) => {
-      this.stderr += s;
-    });
-    // 'close' comes after the process ended and its stdout and stderr were read to the end.
-    this.exitPromise = new Promise((resolve, reject) => {
-      this.child.once('error', reject);
-      this.child.once('close', (code, signal) => {
-        this.exit = { code, signal };
-        resolve(this.exit);
-      });
-    });
-    // A spawn failure is reported by whoever awaits the exit, never as an unhandled rejection.
-    this.exitPromise.catch(() => {});
-  }
-
-  get pid(): number {
-    const pid = this.child.pid;
-    if (pid === undefined) throw new Error('tsvmm did not start');
-    return pid;
-  }
-
-  get exited(): boolean {
-    return (
-      this.exit !== undefined || this.child.exitCode !== null || this.child.signalCode !== null
-    );
-  }
-
-  /** Sends `signal` to this child, by its pid, if it still runs. */
-  signal(signal: NodeJS.Signals): void {
-    if (this.exited || this.child.pid === undefined) return;
-    try {
-      process.kill(this.child.pid, signal);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
-    }
-  }
-
-  /** Waits for the exit; past `timeoutMs` kills the child by pid and fails with what it printed. */
-  async waitExit(timeoutMs: number): Promise<Exit> {
-    const timer = sleep(timeoutMs, 'timeout' as const, { ref: false });
-    const result = await Promise.race([this.exitPromise, timer]);
-    if (result === 'timeout') {
-      this.signal('SIGKILL');
-      throw new Error(
-        `tsvmm (pid ${this.child.pid}) did not exit within ${timeoutMs} ms; killed it.\nstderr:\n${this.stderr}`,
-      );
-    }
-    return result;
-  }
-
-  /** Kills the child if it still runs and waits for it to be gone. */
-  async kill(): Promise<void> {
-    if (this.exited) return;
-    this.signal('SIGKILL');
-    await Promise.race([this.exitPromise.catch(() => undefined), sleep(5_000)]);
-  }
-}
-
-/** What a test created; torn down after it, pass or fail, newest first. */
-class Scope {
-  private readonly children: Tsvmm[] = [];
-  private readonly clients: QmpClient[] = [];
-  private readonly dirs: string[] = [];
-
-  constructor(t: TestContext) {
-    t.after(() => this.close());
-  }
-
-  tempDir(): string {
-    // Short, so a unix socket path inside stays under 108 bytes.
-    const dir = mkdtempSync(join(tmpdir(), 'tsvmm-cli-'));
-    this.dirs.push(dir);
-    return dir;
-  }
-
-  start(args: readonly string[]): Tsvmm {
-    const vm = new Tsvmm(args);
-    this.children.push(vm);
-    return vm;
-  }
-
-  /** Connects to `socket`, retrying until tsvmm listens there (or has exited). */
-  async connect(socket: string, vm: Tsvmm, timeoutMs = 30_000): Promise<QmpClient> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      if (vm.exited) {
-        throw new Error(`tsvmm exited before its QMP socket was up.\nstderr:\n${vm.stderr}`);
-      }
-      try {
-        const client = await QmpClient.connect({ path: socket });
-        this.clients.push(client);
-        return client;
-      } catch (err) {
-        if (Date.now() > deadline) {
-          throw new Error(
-            `no QMP server at ${socket} after ${timeoutMs} ms (${(err as Error).message}).\nstderr:\n${vm.stderr}`,
-          );
-        }
-        await sleep(20);
-      }
-    }
-  }
-
-  async close(): Promise<void> {
-    for (const c of this.clients) c.close();
-    for (const vm of this.children.reverse()) await vm.kill();
-    for (const d of this.dirs) rmSync(d, { recursive: true, force: true });
-  }
-}
-
 /** `promise`, or a failure naming `what` once `ms` has passed. */
-async function within<T>(promise: Promise<T>, what: string, ms = QMP_MS): Promise<T> {
-  const timer = sleep(ms, 'timeout' as const, { ref: false });
-  const result = await Promise.race([promise, timer]);
-  if (result === 'timeout') throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-  return result as T;
+function within<T>(promise: Promise<T>, what: string, ms = QMP_MS): Promise<T> {
+  return withinMs(promise, what, ms);
 }
 
 /** Runs tsvmm with `args` to its exit (killed by pid past the deadline). */
