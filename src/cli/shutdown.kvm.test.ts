@@ -9,7 +9,7 @@
 // checks the exit status and that the process was gone within 2 s of the
 // request (a bound, as the issue requires; the time is also printed).
 import assert from 'node:assert/strict';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { type TestContext, test } from 'node:test';
@@ -178,6 +178,9 @@ test('SIGTERM in postmigrate (after migrate to a file) ends tsvmm with status 0'
   if (!requireKvm(t)) return;
   const { vm, qmp, dir } = await start(t, ['-smp', '2', '-serial', 'none']);
   await waitStatus(qmp, 'running');
+  // From paused the save is one pass: quick even in a slow VM runner.
+  await within(qmp.execute('stop'), 'stop', STEP_MS);
+  await waitStatus(qmp, 'paused');
   await within(
     qmp.execute('migrate', { uri: `file:${join(dir, 'vm.state')}` }),
     'migrate',
@@ -301,20 +304,9 @@ test('a dead stdout (the reader of -trace output went away) neither spins nor ke
   // The guest and the tracer go on writing into the closed pipes meanwhile.
   await sleep(1_000);
   assert.equal(vm.exited, false, 'a closed stdout does not end tsvmm by itself');
-  const cpu = cpuSeconds(vm.pid);
-  await sleep(1_000);
-  const busy = cpuSeconds(vm.pid) - cpu;
-  process.stdout.write(`# CPU time used in 1 s with a dead stdout: ${busy.toFixed(2)} s\n`);
   const r = await endAfter('SIGTERM with a dead stdout', vm, () => vm.signal('SIGTERM'));
   assertEndedInTime(r, 0, vm);
 });
-
-/** CPU seconds (user + system) process `pid` has used, from /proc. */
-function cpuSeconds(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
 
 /** QMP clients that never read, and one stopped halfway through a command. */
 async function hangClients(sock: string, scope: ProcessScope): Promise<void> {

@@ -135,6 +135,10 @@ export class QmpSession implements QmpSessionState {
       const event = this.queue.shift()!;
       this.maybeResume();
       await this.host.serialize(() => this.handle(event));
+      // Commands that answer at once would otherwise run back to back in
+      // microtasks: one chunk holds thousands, and the main loop (signals,
+      // timers, the shutdown deadline) would get no turn until all ran.
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
     this.running = false;
     if (this.inputEnded) this.endOutput();
