@@ -100,7 +100,11 @@ function blockKickOutsideKvmRun(): void {
   const err = pthreadSigmask(SIG_BLOCK, kickSet, previous);
   if (err !== 0) throw new TsvmmError('VCPU_SIGMASK', `pthread_sigmask failed: errno ${err}`);
   // Inside KVM_RUN: the thread's usual mask, with the kick let through.
-  if (!data.ignoreKicks) sigsetDel(previous, KICK_SIGNAL);
+  // Under -x-vcpu-ignores-kicks every signal stays blocked there instead:
+  // a process-directed SIGTERM could otherwise land on this thread and
+  // interrupt KVM_RUN just as a kick would.
+  if (data.ignoreKicks) previous.fill(0xff);
+  else sigsetDel(previous, KICK_SIGNAL);
   vcpu.setSignalMask(previous);
 }
 
