@@ -16,7 +16,7 @@ import {
   negotiate,
   qmpArg,
   queryStatus,
-  Scope,
+  ProcessScope as Scope,
   SHUTDOWN_MS,
   waitRunning,
   within,

@@ -9,9 +9,9 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import {
   assertCleanError,
-  MAIN_SCRIPT,
   QUICK_EXIT_MS,
   runToExit,
+  TSVMM_MAIN,
 } from '../test-support/tsvmm-process.js';
 import { versionText } from './help.js';
 import { OPTION_SPECS } from './options.js';
@@ -89,7 +89,7 @@ describe('tsvmm command line (no KVM needed)', () => {
         '-c',
         'mount -t tmpfs tmpfs /dev && exec "$0" "$@"',
         process.execPath,
-        MAIN_SCRIPT,
+        TSVMM_MAIN,
       ],
       { encoding: 'utf8', timeout: QUICK_EXIT_MS },
     );

@@ -5,6 +5,7 @@
  * start the VM (unless -S), run the main loop, and clean up on quit.
  */
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { exitImmediately } from '../accel/kvm/ffi.js';
 import type { GuestRequest } from '../accel/kvm/vcpu-threads.js';
 import { parseKernelImage } from '../hw/i386/boot/kernel-image.js';
 import type { GuestBoot } from '../hw/i386/guest-boot.js';
@@ -19,14 +20,10 @@ import { QmpCommandRegistry } from '../monitor/qmp-registry.js';
 import { QmpServer } from '../monitor/qmp-server.js';
 import { qmpVersionInfo, tsvmmVersion } from '../monitor/version.js';
 import { contCommand } from '../monitor/vm-control.js';
-import {
-  installSignalHandlers,
-  MainLoop,
-  runUntilShutdown,
-  SHUTDOWN_SIGNALS,
-} from '../system/main-loop.js';
+import { MainLoop, runUntilShutdown, SHUTDOWN_SIGNALS } from '../system/main-loop.js';
 import { setUpTracing, type TracingSetup } from '../trace/options.js';
 import { TsvmmError } from '../util/errors.js';
+import { ExitGuard } from './exit-guard.js';
 import { helpText, versionText } from './help.js';
 import { parseCommandLine, type VmConfig } from './options.js';
 import { attachSerialStdio } from './serial-stdio.js';
@@ -34,7 +31,7 @@ import { UsageError } from './usage-error.js';
 import { machineVmControl } from './vm-control.js';
 
 function fail(message: string): number {
-  process.stderr.write(`tsvmm: ${message}\n`);
+  say(message);
   return 1;
 }
 
@@ -61,31 +58,76 @@ function guestBoot(config: VmConfig): GuestBoot {
   };
 }
 
+/**
+ * How long the clean shutdown may take before the exit is forced, so that
+ * tsvmm is gone within 2 s of a signal or `quit` whatever it was doing.
+ */
+const SHUTDOWN_DEADLINE_MS = 1500;
+
+/** Stdout or stderr went away (a closed pipe): nothing more can be said there, and that is no reason to stop. */
+function ignoreStdioErrors(): void {
+  for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {});
+}
+
+/** Writes to stderr, never throwing: stderr may be a closed pipe. */
+function say(message: string): void {
+  try {
+    process.stderr.write(`tsvmm: ${message}\n`);
+  } catch {
+    // Nobody to tell.
+  }
+}
+
 async function run(config: VmConfig): Promise<number> {
   let tracing: TracingSetup | undefined;
   let serialFd: number | null = null;
   let ownSerialFd = false;
   let pidfileWritten = false;
   let machine: X86Machine | undefined;
+  let detachSerial: (() => void) | undefined;
   const registry = new QmpCommandRegistry();
   const server = new QmpServer({
     registry,
     version: qmpVersionInfo(),
-    log: (m) => process.stderr.write(`tsvmm: qmp: ${m}\n`),
+    log: (m) => say(`qmp: ${m}`),
   });
   // -name ...,process=NAME: what ps and top show for this process.
   if (config.processName !== undefined) process.title = config.processName;
-  // A signal that comes while the machine is still being built is held
-  // and carried out as soon as the main loop exists, so start-up is never
-  // cut short without cleanup.
+
+  // The forced exit: what the clean path would not finish. Kick every vCPU
+  // out of KVM_RUN, remove the files others look for (pidfile, QMP
+  // sockets), give the terminal back, and end the process without waiting
+  // for anything (process.exit would wait for a vCPU stuck in KVM_RUN).
+  const forceExit = (why: string): void => {
+    say(`${why}; exiting now`);
+    machine?.vcpus.requestExit();
+    try {
+      if (pidfileWritten) rmSync(config.pidfile!, { force: true });
+      server.removeSocketFiles();
+      detachSerial?.();
+    } finally {
+      exitImmediately(1);
+    }
+  };
+  const guard = new ExitGuard({ deadlineMs: SHUTDOWN_DEADLINE_MS, force: forceExit });
+
+  // Signals are taken for the whole run. A signal that comes while the
+  // machine is still being built is held and carried out as soon as the
+  // main loop exists, so start-up is never cut short without cleanup; a
+  // second one, or the deadline, ends the process anyway.
+  let loop: MainLoop | undefined;
   let earlySignal: NodeJS.Signals | undefined;
-  const holdSignal = (signal: NodeJS.Signals) => {
-    earlySignal ??= signal;
+  let signalled!: () => void;
+  const firstSignal = new Promise<void>((resolve) => {
+    signalled = resolve;
+  });
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (!guard.signal(signal)) return;
+    signalled();
+    if (loop) loop.requestShutdown('host-signal', signal);
+    else earlySignal = signal;
   };
-  for (const s of SHUTDOWN_SIGNALS) process.on(s, holdSignal);
-  const releaseEarlySignals = () => {
-    for (const s of SHUTDOWN_SIGNALS) process.off(s, holdSignal);
-  };
+  for (const s of SHUTDOWN_SIGNALS) process.on(s, onSignal);
   try {
     tracing = setUpTracing({
       trace: [...config.trace.enable, ...config.trace.eventFiles.map((f) => `events=${f}`)],
@@ -94,7 +136,7 @@ async function run(config: VmConfig): Promise<number> {
         : {}),
       backtrace: config.trace.backtrace,
     });
-    for (const w of tracing.warnings) process.stderr.write(`tsvmm: warning: ${w}\n`);
+    for (const w of tracing.warnings) say(`warning: ${w}`);
 
     if (config.serial.kind === 'stdio') serialFd = 1;
     else if (config.serial.kind === 'file') {
@@ -102,7 +144,6 @@ async function run(config: VmConfig): Promise<number> {
       ownSerialFd = true;
     }
 
-    let loop: MainLoop | undefined;
     const onGuestRequest = (request: GuestRequest) => {
       if (!loop) return;
       if (request.type === 'guest-shutdown') {
@@ -110,7 +151,7 @@ async function run(config: VmConfig): Promise<number> {
         else loop.requestShutdown(request.reason);
       } else {
         const text = request.type === 'internal-error' ? request.description : request.message;
-        process.stderr.write(`tsvmm: vCPU ${request.cpu}: ${text}\n`);
+        say(`vCPU ${request.cpu}: ${text}`);
         loop.requestVmStop('internal-error');
       }
     };
@@ -123,10 +164,13 @@ async function run(config: VmConfig): Promise<number> {
       faults: config.faults,
       onGuestRequest,
     });
-    loop = new MainLoop({ lifecycle: machine.lifecycle, noReboot: config.noReboot });
+    loop = new MainLoop({
+      lifecycle: machine.lifecycle,
+      noReboot: config.noReboot,
+      log: say,
+      onShutdownRequest: () => guard.shutdownRequested(),
+    });
     const lifecycle = machine.lifecycle;
-    const removeSignals = installSignalHandlers(loop);
-    releaseEarlySignals();
     if (earlySignal) loop.requestShutdown('host-signal', earlySignal);
 
     const vm = machineVmControl({
@@ -157,14 +201,15 @@ async function run(config: VmConfig): Promise<number> {
     lifecycle.events.on('RESET', (d) => server.broadcast('RESET', { ...d }));
     for (const spec of config.qmp) {
       const listener = await server.listen(spec);
-      if (spec.wait) await listener.waitForClient();
+      // wait=on: no start before a client comes, but a signal ends the wait.
+      if (spec.wait) await Promise.race([listener.waitForClient(), firstSignal]);
     }
     if (config.pidfile !== undefined) {
       writeFileSync(config.pidfile, `${process.pid}\n`);
       pidfileWritten = true;
     }
 
-    const detachSerial =
+    detachSerial =
       config.serial.kind === 'stdio' && config.monitor !== 'stdio'
         ? attachSerialStdio(machine.serial, () => loop!.requestShutdown('host-signal', 'SIGINT'))
         : undefined;
@@ -190,13 +235,17 @@ async function run(config: VmConfig): Promise<number> {
     }
 
     const m = machine;
-    const status = await runUntilShutdown(loop, lifecycle, async () => {
-      removeSignals();
-      detachSerial?.();
-      await migration.close();
-      await server.close();
-      await m.destroy();
-    });
+    const status = await runUntilShutdown(
+      loop,
+      lifecycle,
+      async () => {
+        detachSerial?.();
+        await migration.close();
+        await server.close();
+        await m.destroy();
+      },
+      say,
+    );
     // A failed incoming migration ends the process as a shutdown, but it is a failure.
     return incomingFailed ? 1 : status;
   } catch (err) {
@@ -204,7 +253,8 @@ async function run(config: VmConfig): Promise<number> {
     await machine?.destroy().catch(() => {});
     throw err;
   } finally {
-    releaseEarlySignals();
+    // The signal handlers stay until the process ends: a signal during
+    // the cleanup above still counts as the second one.
     if (pidfileWritten) rmSync(config.pidfile!, { force: true });
     if (ownSerialFd && serialFd !== null) closeSync(serialFd);
     tracing?.close();
@@ -235,6 +285,7 @@ async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
+ignoreStdioErrors();
 process.exitCode = await main(process.argv.slice(2));
 // The vCPU threads, sockets and files are closed by now; leave even if a
 // stray handle (a TTY in raw mode, say) would keep Node's loop alive.

@@ -6,23 +6,35 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { requireKvm } from '../test-support/kvm.js';
 import { waitFor } from '../test-support/machine.js';
+import { deathSignalPrefix, killByPid, TSVMM_MAIN } from '../test-support/tsvmm-process.js';
 
-const MAIN = fileURLToPath(new URL('./main.js', import.meta.url));
 const PTY_SPAWN = 'import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)';
 
-test('the human monitor on a terminal: info status, cont, stop, quit', async (t) => {
+test('the human monitor on a terminal: info status, cont, stop, quit', {
+  timeout: 120_000,
+}, async (t) => {
   if (!requireKvm(t)) return;
-  const child = spawn(
+  // tsvmm is python's child, not ours: the kernel kills it when python
+  // dies (setpriv's PR_SET_PDEATHSIG), and python when this process dies,
+  // so killing python by its pid on the way out ends both.
+  const argv = [
+    ...deathSignalPrefix(),
     'python3',
-    ['-c', PTY_SPAWN, process.execPath, MAIN, '-S', '-monitor', 'stdio', '-serial', 'none'],
-    { stdio: ['pipe', 'pipe', 'pipe'] },
-  );
-  t.after(() => {
-    if (child.exitCode === null && child.pid !== undefined) child.kill('SIGKILL');
-  });
+    '-c',
+    PTY_SPAWN,
+    ...deathSignalPrefix(),
+    process.execPath,
+    TSVMM_MAIN,
+    '-S',
+    '-monitor',
+    'stdio',
+    '-serial',
+    'none',
+  ];
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
+  t.after(() => killByPid(child, 'SIGKILL'));
   let screen = '';
   child.stdout.on('data', (d: Buffer) => {
     screen += d.toString('utf8');

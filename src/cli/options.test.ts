@@ -40,7 +40,11 @@ describe('command line: defaults', () => {
     assert.deepEqual(c.serial, { kind: 'stdio' });
     assert.equal(c.kernel, undefined);
     assert.equal(c.incoming, undefined);
-    assert.deepEqual(c.faults, { noKvmclockCtrl: false, unreliableGetClock: false });
+    assert.deepEqual(c.faults, {
+      noKvmclockCtrl: false,
+      unreliableGetClock: false,
+      vcpuIgnoresKicks: false,
+    });
     assert.deepEqual(c.kvmclock, { machUseReliableGetClock: true });
   });
 });
@@ -224,8 +228,12 @@ describe('command line: each option', () => {
   });
 
   it('fault injection and the kvmclock global, both spellings', () => {
-    const c = run('-x-no-kvmclock-ctrl', '-x-unreliable-get-clock');
-    assert.deepEqual(c.faults, { noKvmclockCtrl: true, unreliableGetClock: true });
+    const c = run('-x-no-kvmclock-ctrl', '-x-unreliable-get-clock', '-x-vcpu-ignores-kicks');
+    assert.deepEqual(c.faults, {
+      noKvmclockCtrl: true,
+      unreliableGetClock: true,
+      vcpuIgnoresKicks: true,
+    });
     assert.equal(
       run('-global', 'kvmclock.x-mach-use-reliable-get-clock=off').kvmclock.machUseReliableGetClock,
       false,

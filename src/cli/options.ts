@@ -75,6 +75,8 @@ export interface VmConfig {
     noKvmclockCtrl: boolean;
     /** `-x-unreliable-get-clock`: act as if KVM_GET_CLOCK were not TSC-stable. */
     unreliableGetClock: boolean;
+    /** `-x-vcpu-ignores-kicks`: vCPU threads cannot be kicked out of KVM_RUN. */
+    vcpuIgnoresKicks: boolean;
   };
   /** kvmclock device options (`-global kvmclock.PROP=VALUE`). */
   kvmclock: {
@@ -128,7 +130,7 @@ function defaultConfig(): VmConfig {
     noReboot: false,
     debugThreads: false,
     trace: { enable: [], eventFiles: [], backtrace: false },
-    faults: { noKvmclockCtrl: false, unreliableGetClock: false },
+    faults: { noKvmclockCtrl: false, unreliableGetClock: false, vcpuIgnoresKicks: false },
     kvmclock: { machUseReliableGetClock: true },
   };
 }
@@ -305,6 +307,13 @@ const OPTIONS: readonly OptionDef[] = [
     'fault injection: behave as if KVM_GET_CLOCK were not reliable (not TSC-stable)',
     (s) => {
       s.config.faults.unreliableGetClock = true;
+    },
+  ),
+  flag(
+    ['-x-vcpu-ignores-kicks'],
+    'fault injection: vCPUs cannot be kicked out of KVM_RUN (only the forced exit ends tsvmm)',
+    (s) => {
+      s.config.faults.vcpuIgnoresKicks = true;
     },
   ),
 ];

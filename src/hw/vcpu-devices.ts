@@ -10,7 +10,7 @@
  * shared lock (see hw/char/serial.ts), which plays the part of QEMU's big
  * lock.
  */
-import { writeSync } from 'node:fs';
+import { writeOrDrop } from '../util/fd-writer.js';
 import { Serial16550 } from './char/serial.js';
 
 /** Everything a vCPU thread needs to build its view of the devices: plain, transferable data. */
@@ -50,7 +50,8 @@ export class VcpuDevices {
     this.serial = serial
       ? new Serial16550(serial.state, {
           transmit: (bytes) => {
-            if (serial.outFd !== null) writeAll(serial.outFd, bytes);
+            // A closed or stuck reader drops the output; the guest runs on.
+            if (serial.outFd !== null) writeOrDrop(serial.outFd, bytes);
           },
           setIrq: (level) => host.setIrqLine(serial.irq, level),
         })
@@ -85,18 +86,5 @@ export class VcpuDevices {
   mmio(addr: bigint, len: number, isWrite: boolean, data: Uint8Array): void {
     if (!isWrite) data.fill(0xff, 0, len);
     this.host.unassigned('mmio', addr, len, isWrite);
-  }
-}
-
-function writeAll(fd: number, bytes: Uint8Array): void {
-  let done = 0;
-  while (done < bytes.byteLength) {
-    try {
-      done += writeSync(fd, bytes, done);
-    } catch (err) {
-      // A full non-blocking pipe: retry; a closed one: drop the output, keep the guest running.
-      if ((err as NodeJS.ErrnoException).code === 'EAGAIN') continue;
-      return;
-    }
   }
 }

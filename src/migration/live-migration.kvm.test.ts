@@ -8,27 +8,32 @@
 // child is killed by its pid and every temp dir, namespace and veth pair is
 // removed in after hooks, pass or fail.
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
 import { createServer, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { isJsonObject, type JsonObject } from '../monitor/json-value.js';
-import { QmpClient } from '../monitor/qmp-client.js';
+import type { QmpClient } from '../monitor/qmp-client.js';
 import { requireKvm } from '../test-support/kvm.js';
 import { waitFor } from '../test-support/machine.js';
 import { matchProbeSum } from '../test-support/probe-os-sum.js';
+import { scaled } from '../test-support/time-scale.js';
+import {
+  deathSignalPrefix,
+  killByPid,
+  ProcessScope,
+  type TsvmmProcess,
+  within as withinMs,
+} from '../test-support/tsvmm-process.js';
 
-const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 const PROBE_OS = fileURLToPath(new URL('../../guests/probe-os/probe-os.elf', import.meta.url));
 const MiB = 2 ** 20;
 const CPUS = 2;
-const QMP_MS = 15_000;
-const MIGRATE_MS = 120_000;
-const TEST_TIMEOUT = 240_000;
+const QMP_MS = scaled(15_000);
+const MIGRATE_MS = scaled(120_000);
+const TEST_TIMEOUT = scaled(240_000);
 
 /** The guest both ends run; the destination must have the same shape. */
 function guestArgs(): string[] {
@@ -47,75 +52,21 @@ function guestArgs(): string[] {
 }
 
 /** One tsvmm child; its stdout is the guest's serial console, its stdin the console's input. */
-class Vmm {
-  readonly child: ChildProcess;
-  stdout = '';
-  stderr = '';
-  private readonly exitPromise: Promise<void>;
+type Vmm = TsvmmProcess;
 
-  /** `prefix`: a command that runs tsvmm (`ip netns exec NS`), or none. */
-  constructor(args: readonly string[], prefix: readonly string[] = []) {
-    const argv = [...prefix, process.execPath, MAIN, ...args];
-    this.child = spawn(argv[0]!, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
-    this.child.stdout!.setEncoding('utf8').on('data', (s: string) => {
-      this.stdout += s;
-    });
-    this.child.stderr!.setEncoding('utf8').on('data', (s: string) => {
-      this.stderr += s;
-    });
-    this.child.stdin!.on('error', () => {});
-    this.exitPromise = new Promise((resolve) => this.child.once('close', () => resolve()));
-  }
-
-  get exited(): boolean {
-    return this.child.exitCode !== null || this.child.signalCode !== null;
-  }
-
-  /** Types a console command to the guest. */
-  type(line: string): void {
-    this.child.stdin!.write(`${line}\r`);
-  }
-
-  /** Complete console lines, without their CR. */
-  lines(): string[] {
-    const all = this.stdout.split('\n');
-    all.pop();
-    return all.map((l) => l.replace(/\r$/, ''));
-  }
-
-  /** Sends `signal` to this child by its pid if it still runs, and waits for it to end. */
-  async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
-    if (!this.exited && this.child.pid !== undefined) {
-      try {
-        process.kill(this.child.pid, signal);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
-      }
-    }
-    await Promise.race([this.exitPromise, sleep(10_000)]);
-  }
-}
-
-/** What one test made, torn down after it in every outcome. */
-class Scope {
-  private readonly vmms: Vmm[] = [];
-  private readonly clients: QmpClient[] = [];
-  private readonly dirs: string[] = [];
-  private readonly servers: Server[] = [];
-  private readonly cleanups: (() => void)[] = [];
+/** What one test made, torn down after it in every outcome (test-support/tsvmm-process.ts). */
+class Scope extends ProcessScope {
   readonly dir: string;
 
   constructor(t: TestContext) {
-    t.after(() => this.close());
+    super(t);
     // Short: unix socket paths must stay under 108 bytes.
-    this.dir = mkdtempSync(join(tmpdir(), 'tsvmm-live-'));
-    this.dirs.push(this.dir);
+    this.dir = this.tempDir('tsvmm-live-');
   }
 
-  start(args: readonly string[], prefix: readonly string[] = []): Vmm {
-    const vmm = new Vmm(args, prefix);
-    this.vmms.push(vmm);
-    return vmm;
+  /** A tsvmm whose stdin is a pipe (the guest's console); `prefix` runs it (`ip netns exec NS`). */
+  vmm(args: readonly string[], prefix: readonly string[] = []): Vmm {
+    return this.start(args, { prefix, stdin: 'pipe' });
   }
 
   /**
@@ -127,63 +78,35 @@ class Scope {
   ): Promise<{ src: Vmm; srcQmp: QmpClient; dst: Vmm; dstQmp: QmpClient }> {
     const dstSock = join(this.dir, 'dst.qmp');
     const srcSock = join(this.dir, 'src.qmp');
-    const dst = this.start([
+    const dst = this.vmm([
       ...guestArgs(),
       '-incoming',
       uri,
       '-qmp',
       `unix:${dstSock},server=on,wait=off`,
     ]);
-    const src = this.start([...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`]);
+    const src = this.vmm([...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`]);
     return { src, srcQmp: await this.qmp(srcSock, src), dst, dstQmp: await this.qmp(dstSock, dst) };
   }
 
   server(s: Server): Server {
-    this.servers.push(s);
+    this.onClose(() => {
+      s.close();
+    });
     return s;
   }
 
-  onClose(fn: () => void): void {
-    this.cleanups.push(fn);
-  }
-
+  /** A negotiated QMP client of `vmm`. */
   async qmp(path: string, vmm: Vmm): Promise<QmpClient> {
-    const deadline = Date.now() + 30_000;
-    for (;;) {
-      if (vmm.exited) throw new Error(`tsvmm exited before its QMP socket was up:\n${vmm.stderr}`);
-      try {
-        const c = await QmpClient.connect({ path });
-        this.clients.push(c);
-        await within(c.greeting(), 'the QMP greeting');
-        await within(c.execute('qmp_capabilities'), 'qmp_capabilities');
-        return c;
-      } catch (err) {
-        if (Date.now() > deadline) throw new Error(`no QMP at ${path}: ${(err as Error).message}`);
-        await sleep(50);
-      }
-    }
-  }
-
-  async close(): Promise<void> {
-    for (const c of this.clients) c.close();
-    for (const v of this.vmms.reverse()) await v.kill();
-    for (const s of this.servers) s.close();
-    for (const fn of this.cleanups.reverse()) {
-      try {
-        fn();
-      } catch {
-        // Each cleanup is tried; one failing must not leave the others undone.
-      }
-    }
-    for (const d of this.dirs) rmSync(d, { recursive: true, force: true });
+    const c = await this.connect(path, vmm);
+    await within(c.greeting(), 'the QMP greeting');
+    await within(c.execute('qmp_capabilities'), 'qmp_capabilities');
+    return c;
   }
 }
 
-async function within<T>(p: Promise<T>, what: string, ms = QMP_MS): Promise<T> {
-  const timer = sleep(ms, 'timeout' as const, { ref: false });
-  const r = await Promise.race([p, timer]);
-  if (r === 'timeout') throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-  return r as T;
+function within<T>(p: Promise<T>, what: string, ms = QMP_MS): Promise<T> {
+  return withinMs(p, what, ms);
 }
 
 async function status(qmp: QmpClient): Promise<string> {
@@ -478,12 +401,11 @@ describe('the two-host plumbing of the namespace test (no KVM needed)', () => {
       // A one-shot server in the second namespace that echoes the byte count back.
       const serverJs =
         "const s=require('net').createServer(c=>{let n=0;c.on('data',d=>{n+=d.length});c.on('end',()=>{c.end(String(n));s.close()})});s.listen(4447,'10.213.7.2',()=>console.log('up'))";
-      const srv = spawn('ip', ['netns', 'exec', nsB, process.execPath, '-e', serverJs], {
+      const argv = [...deathSignalPrefix(), 'ip', 'netns', 'exec', nsB, process.execPath, '-e'];
+      const srv = spawn(argv[0]!, [...argv.slice(1), serverJs], {
         stdio: ['ignore', 'pipe', 'pipe'],
       });
-      scope.onClose(() => {
-        if (srv.exitCode === null && srv.pid !== undefined) process.kill(srv.pid, 'SIGKILL');
-      });
+      scope.onClose(() => killByPid(srv, 'SIGKILL'));
       let up = '';
       srv.stdout!.setEncoding('utf8').on('data', (d: string) => {
         up += d;
@@ -531,11 +453,11 @@ describe('live migration between tsvmm processes (needs KVM)', () => {
     const dstSock = join(scope.dir, 'dst.qmp');
     const srcSock = join(scope.dir, 'src.qmp');
     // QMP stays on unix sockets: a path works across network namespaces.
-    const dst = scope.start(
+    const dst = scope.vmm(
       [...guestArgs(), '-incoming', uri, '-qmp', `unix:${dstSock},server=on,wait=off`],
       ['ip', 'netns', 'exec', nsB],
     );
-    const src = scope.start(
+    const src = scope.vmm(
       [...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`],
       ['ip', 'netns', 'exec', nsA],
     );
@@ -571,7 +493,7 @@ describe('live migration between tsvmm processes (needs KVM)', () => {
     });
     await new Promise<void>((resolve) => server.listen(path, resolve));
     const srcSock = join(scope.dir, 'src.qmp');
-    const src = scope.start([...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`]);
+    const src = scope.vmm([...guestArgs(), '-qmp', `unix:${srcSock},server=on,wait=off`]);
     const qmp = await scope.qmp(srcSock, src);
     await waitDirtying(src);
     await within(

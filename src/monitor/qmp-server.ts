@@ -41,8 +41,12 @@ export interface QmpServerOptions {
   limits?: Partial<JsonStreamLimits>;
 }
 
-/** How long {@link QmpServer.close} lets a client read its last output. */
-const CLOSE_GRACE_MS = 1000;
+/**
+ * How long {@link QmpServer.close} lets a client that is not reading take
+ * its last output. Short: it is part of tsvmm's shutdown, which must end
+ * within 2 s whatever the clients do.
+ */
+const CLOSE_GRACE_MS = 500;
 
 interface ListenerState extends QmpListener {
   server: Server;
@@ -195,8 +199,8 @@ export class QmpServer {
   }
 
   /**
-   * Stops listening, lets each client read its pending output (up to a
-   * second), closes the connections and removes the unix socket files.
+   * Stops listening, lets each client read its pending output (up to half
+   * a second), closes the connections and removes the unix socket files.
    */
   async close(): Promise<void> {
     this.closing = true;
@@ -214,6 +218,16 @@ export class QmpServer {
     }
     await Promise.all([...this.sessions].map((s) => s.close(CLOSE_GRACE_MS)));
     await Promise.all(stopped);
+  }
+
+  /**
+   * Removes the unix socket files this server created, synchronously and
+   * nothing else: for a forced exit, which has no time to close clients.
+   */
+  removeSocketFiles(): void {
+    for (const l of this.listeners) {
+      if (l.spec.kind === 'unix') removeOwnSocket(l.spec.path, l.inode);
+    }
   }
 
   private serialize(fn: () => Promise<void>): Promise<void> {

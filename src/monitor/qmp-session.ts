@@ -99,13 +99,24 @@ export class QmpSession implements QmpSessionState {
   }
 
   /**
-   * Ends the connection after pending output is flushed, or at once after
-   * `graceMs`. Used when the server closes.
+   * Ends the connection once pending output is handed to the kernel, or at
+   * once after `graceMs` (a client that reads nothing). Either way the
+   * socket is closed from our side then: a client that never closes its
+   * end, or stopped halfway through a command, cannot hold the server open.
+   * Used when the server closes.
    */
   async close(graceMs: number): Promise<void> {
     if (!this.closed) {
-      this.socket.end();
-      const timer = setTimeout(() => this.socket.destroy(), graceMs);
+      const destroy = () => {
+        if (!this.socket.destroyed) this.socket.destroy();
+      };
+      if (this.socket.writableEnded) {
+        if (this.socket.writableFinished) destroy();
+        else this.socket.once('finish', destroy);
+      } else {
+        this.socket.end(destroy);
+      }
+      const timer = setTimeout(destroy, graceMs);
       await this.closedPromise;
       clearTimeout(timer);
     }
@@ -124,6 +135,10 @@ export class QmpSession implements QmpSessionState {
       const event = this.queue.shift()!;
       this.maybeResume();
       await this.host.serialize(() => this.handle(event));
+      // Commands that answer at once would otherwise run back to back in
+      // microtasks: one chunk holds thousands, and the main loop (signals,
+      // timers, the shutdown deadline) would get no turn until all ran.
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
     this.running = false;
     if (this.inputEnded) this.endOutput();

@@ -232,3 +232,32 @@ test('a failing cleanup makes the exit status 1', async () => {
   );
   assert.equal(status, 1);
 });
+
+test('a shutdown request ends the loop even while a stop it carries out never finishes', async () => {
+  const { vm, log } = runningVm();
+  // The vCPUs never acknowledge the pause (a vCPU stuck in KVM_RUN).
+  let releasePause!: () => void;
+  const stuck = new Promise<void>((r) => {
+    releasePause = r;
+  });
+  vm.cpus.pauseAll = async () => {
+    log.push('pauseAll (stuck)');
+    await stuck;
+  };
+  const requests: string[] = [];
+  const loop = new MainLoop({
+    lifecycle: vm,
+    log: () => {},
+    onShutdownRequest: (reason, signal) => void requests.push(`${reason} ${signal ?? '-'}`),
+  });
+  const exit = loop.run();
+  loop.requestVmStop('internal-error');
+  await eventually(() => assert.deepEqual(log, ['pauseAll (stuck)']));
+  loop.requestShutdown('host-signal', 'SIGTERM');
+  loop.requestShutdown('host-signal', 'SIGINT');
+  assert.deepEqual(await exit, { reason: 'host-signal', signal: 'SIGTERM' });
+  assert.deepEqual(log, ['pauseAll (stuck)', 'SHUTDOWN guest=false reason=host-signal']);
+  // Every request is reported, the repeated one too: the CLI's second-signal rule needs it.
+  assert.deepEqual(requests, ['host-signal SIGTERM', 'host-signal SIGINT']);
+  releasePause();
+});

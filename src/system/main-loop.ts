@@ -79,6 +79,11 @@ export interface MainLoopOptions {
   readonly noReboot?: boolean;
   /** Where operator messages go ("terminating on signal ..."); stderr by default. */
   readonly log?: (message: string) => void;
+  /**
+   * Told of every shutdown request as it comes, repeats included, before
+   * it is carried out: the CLI arms its exit deadline here.
+   */
+  readonly onShutdownRequest?: (reason: ShutdownReason, signal?: NodeJS.Signals) => void;
 }
 
 /**
@@ -132,6 +137,7 @@ export class MainLoop {
   /** Asks for the process to end (QEMU's qemu_system_shutdown_request). The first request wins. */
   requestShutdown(reason: ShutdownReason, signal?: NodeJS.Signals): void {
     traceShutdownRequest.emit({ guest: shutdownCausedByGuest(reason), reason });
+    this.options.onShutdownRequest?.(reason, signal);
     if (this.shutdownRequest) return;
     this.shutdownRequest = signal ? { reason, signal } : { reason };
     this.requestsBh.schedule();
@@ -157,23 +163,27 @@ export class MainLoop {
 
   private async handleRequests(): Promise<void> {
     if (this.finished || !this.exit) return;
+    const shutdown = this.shutdownRequest;
+    const ends = shutdown && !(this.options.noShutdown && shutdownCausedByGuest(shutdown.reason));
+    if (shutdown && ends) {
+      // Ending never waits for a stop or reset under way: that one may be
+      // what is stuck. runUntilShutdown takes the VM down from here.
+      if (shutdown.signal) this.log(`terminating on signal ${shutdown.signal}`);
+      this.lifecycle.systemShutdown(shutdown.reason);
+      this.finish({ ...shutdown });
+      return;
+    }
     if (this.busy) {
       // A request came in while the last one was being carried out: look again after it.
       return;
     }
     this.busy = true;
     try {
-      const shutdown = this.shutdownRequest;
       if (shutdown) {
-        if (shutdown.signal) this.log(`terminating on signal ${shutdown.signal}`);
+        // -no-shutdown and the guest asked: the VM stops in state shutdown instead.
         this.lifecycle.systemShutdown(shutdown.reason);
-        if (this.options.noShutdown && shutdownCausedByGuest(shutdown.reason)) {
-          this.shutdownRequest = undefined;
-          await this.lifecycle.vmStop('shutdown');
-        } else {
-          this.finish({ ...shutdown });
-          return;
-        }
+        this.shutdownRequest = undefined;
+        await this.lifecycle.vmStop('shutdown');
       }
       const reset = this.resetRequest;
       if (reset !== undefined) {

@@ -1,10 +1,16 @@
-// A tsvmm child process for end-to-end tests of the command: spawned as
-// `node dist/cli/main.js`, with a deadline after which it is killed by pid,
-// and a per-test Scope that removes its temp dirs, sockets and children in
-// every outcome.
+/**
+ * tsvmm as a child process, for the tests that run the command itself:
+ * spawned by pid, everything it prints kept, and killed on every way out
+ * of a test.
+ *
+ * A child is killed by its pid when its test's scope closes (pass, fail or
+ * timeout), when the test process exits, and, where util-linux's setpriv
+ * is there, by the kernel when the test process dies any other way
+ * (PR_SET_PDEATHSIG), so no tsvmm outlives the test that started it.
+ */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestContext } from 'node:test';
@@ -14,8 +20,8 @@ import { isJsonObject } from '../monitor/json-value.js';
 import { QmpClient } from '../monitor/qmp-client.js';
 import { scaled } from './time-scale.js';
 
-/** The compiled entry point, next to this compiled test. */
-export const MAIN_SCRIPT = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+/** The compiled entry point of tsvmm. */
+export const TSVMM_MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 
 /** How long a command that should exit at once may take. */
 export const QUICK_EXIT_MS = scaled(15_000);
@@ -24,30 +30,84 @@ export const SHUTDOWN_MS = scaled(20_000);
 /** How long any single QMP exchange or event may take. */
 export const QMP_MS = scaled(15_000);
 
+/** How a child ended. */
 export interface Exit {
   code: number | null;
   signal: NodeJS.Signals | null;
 }
 
+const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
+
+/**
+ * The command prefix that makes the kernel SIGKILL a child when this test
+ * process dies (setpriv execs the command: the pid stays the child's).
+ */
+export function deathSignalPrefix(): string[] {
+  return SETPRIV ? [SETPRIV, '--pdeathsig', 'KILL', '--'] : [];
+}
+
+/** Every child still running, killed by pid when this process exits. */
+const live = new Set<ChildProcess>();
+let exitHookInstalled = false;
+
+function track(child: ChildProcess): void {
+  live.add(child);
+  child.once('exit', () => live.delete(child));
+  if (!exitHookInstalled) {
+    exitHookInstalled = true;
+    process.on('exit', () => {
+      for (const c of live) killByPid(c, 'SIGKILL');
+    });
+  }
+}
+
+/** Sends `signal` to `child` by its pid if it still runs; a child already gone is no error. */
+export function killByPid(child: ChildProcess, signal: NodeJS.Signals): void {
+  if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;
+  try {
+    process.kill(child.pid, signal);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+  }
+}
+
+/** What a TsvmmProcess is started with. */
+export interface TsvmmSpawnOptions {
+  /** A command that runs tsvmm, such as `ip netns exec NS` (it must exec it, keeping the pid). */
+  readonly prefix?: readonly string[];
+  /** stdin: a pipe (to type on the guest's console) or nothing. */
+  readonly stdin?: 'pipe' | 'ignore';
+}
+
 /** One tsvmm child process and everything it printed. */
-export class Tsvmm {
+export class TsvmmProcess {
   readonly child: ChildProcess;
   stdout = '';
   stderr = '';
   private exit: Exit | undefined;
   private readonly exitPromise: Promise<Exit>;
 
-  constructor(args: readonly string[]) {
-    this.child = spawn(process.execPath, [MAIN_SCRIPT, ...args], {
-      stdio: ['ignore', 'pipe', 'pipe'],
+  constructor(args: readonly string[], options: TsvmmSpawnOptions = {}) {
+    const argv = [
+      ...deathSignalPrefix(),
+      ...(options.prefix ?? []),
+      process.execPath,
+      TSVMM_MAIN,
+      ...args,
+    ];
+    this.child = spawn(argv[0]!, argv.slice(1), {
+      stdio: [options.stdin ?? 'ignore', 'pipe', 'pipe'],
     });
+    track(this.child);
+    this.child.stdin?.on('error', () => {});
     this.child.stdout!.setEncoding('utf8').on('data', (s: string) => {
       this.stdout += s;
     });
     this.child.stderr!.setEncoding('utf8').on('data', (s: string) => {
       this.stderr += s;
     });
-    // 'close' comes after the process ended and its stdout and stderr were read to the end.
+    // 'close' comes after the process ended and its stdout and stderr were
+    // read to the end, or were closed by the test (see closeOutput).
     this.exitPromise = new Promise((resolve, reject) => {
       this.child.once('error', reject);
       this.child.once('close', (code, signal) => {
@@ -73,12 +133,17 @@ export class Tsvmm {
 
   /** Sends `signal` to this child, by its pid, if it still runs. */
   signal(signal: NodeJS.Signals): void {
-    if (this.exited || this.child.pid === undefined) return;
-    try {
-      process.kill(this.child.pid, signal);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+    killByPid(this.child, signal);
+  }
+
+  /** Resolves with the exit status once the process is gone (its output may still be open). */
+  processExit(): Promise<Exit> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) {
+      return Promise.resolve({ code: this.child.exitCode, signal: this.child.signalCode });
     }
+    return new Promise((resolve) =>
+      this.child.once('exit', (code, signal) => resolve({ code, signal })),
+    );
   }
 
   /** Waits for the exit; past `timeoutMs` kills the child by pid and fails with what it printed. */
@@ -94,40 +159,64 @@ export class Tsvmm {
     return result;
   }
 
-  /** Kills the child if it still runs and waits for it to be gone. */
-  async kill(): Promise<void> {
+  /** Types a line on the guest's console (stdin must be a pipe). */
+  type(line: string): void {
+    this.child.stdin!.write(`${line}\r`);
+  }
+
+  /** Complete lines of stdout, without their CR. */
+  lines(): string[] {
+    const all = this.stdout.split('\n');
+    all.pop();
+    return all.map((l) => l.replace(/\r$/, ''));
+  }
+
+  /** Kills the child (SIGKILL unless told) if it still runs, and waits for it to be gone. */
+  async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
     if (this.exited) return;
-    this.signal('SIGKILL');
-    await Promise.race([this.exitPromise.catch(() => undefined), sleep(5_000)]);
+    this.signal(signal);
+    await Promise.race([this.exitPromise.catch(() => undefined), sleep(10_000)]);
   }
 }
 
-/** What a test created; torn down after it, pass or fail, newest first. */
-export class Scope {
-  private readonly children: Tsvmm[] = [];
+/**
+ * What one test made, torn down after it in every outcome, newest first:
+ * QMP clients closed, children killed by pid, cleanups run, temp dirs
+ * removed. A failing step never keeps the others from running.
+ */
+export class ProcessScope {
+  private readonly children: TsvmmProcess[] = [];
   private readonly clients: QmpClient[] = [];
   private readonly dirs: string[] = [];
+  private readonly cleanups: (() => unknown)[] = [];
 
   constructor(t: TestContext) {
     t.after(() => this.close());
   }
 
-  tempDir(): string {
-    // Short, so a unix socket path inside stays under 108 bytes.
-    const dir = mkdtempSync(join(tmpdir(), 'tsvmm-cli-'));
+  /** A new temp dir, short so a unix socket path inside stays under 108 bytes. */
+  tempDir(prefix = 'tsvmm-t-'): string {
+    const dir = mkdtempSync(join(tmpdir(), prefix));
     this.dirs.push(dir);
     return dir;
   }
 
-  start(args: readonly string[]): Tsvmm {
-    const vm = new Tsvmm(args);
+  /** Starts tsvmm with `args`; it is killed when the scope closes. */
+  start(args: readonly string[], options: TsvmmSpawnOptions = {}): TsvmmProcess {
+    const vm = new TsvmmProcess(args, options);
     this.children.push(vm);
     return vm;
   }
 
+  /** Runs `fn` when the scope closes (after the children are gone). */
+  onClose(fn: () => unknown): void {
+    this.cleanups.push(fn);
+  }
+
   /** Connects to `socket`, retrying until tsvmm listens there (or has exited). */
-  async connect(socket: string, vm: Tsvmm, timeoutMs = 30_000): Promise<QmpClient> {
-    const deadline = Date.now() + scaled(timeoutMs);
+  async connect(socket: string, vm: TsvmmProcess, timeoutMs = 30_000): Promise<QmpClient> {
+    const limit = scaled(timeoutMs);
+    const deadline = Date.now() + limit;
     for (;;) {
       if (vm.exited) {
         throw new Error(`tsvmm exited before its QMP socket was up.\nstderr:\n${vm.stderr}`);
@@ -139,7 +228,7 @@ export class Scope {
       } catch (err) {
         if (Date.now() > deadline) {
           throw new Error(
-            `no QMP server at ${socket} after ${timeoutMs} ms (${(err as Error).message}).\nstderr:\n${vm.stderr}`,
+            `no QMP server at ${socket} after ${limit} ms (${(err as Error).message}).\nstderr:\n${vm.stderr}`,
           );
         }
         await sleep(20);
@@ -148,9 +237,19 @@ export class Scope {
   }
 
   async close(): Promise<void> {
-    for (const c of this.clients) c.close();
-    for (const vm of this.children.reverse()) await vm.kill();
-    for (const d of this.dirs) rmSync(d, { recursive: true, force: true });
+    const errors: unknown[] = [];
+    const attempt = async (fn: () => unknown) => {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(err);
+      }
+    };
+    for (const c of this.clients) await attempt(() => c.close());
+    for (const vm of this.children.reverse()) await attempt(() => vm.kill());
+    for (const fn of this.cleanups.reverse()) await attempt(fn);
+    for (const d of this.dirs) await attempt(() => rmSync(d, { recursive: true, force: true }));
+    if (errors.length > 0) throw errors[0];
   }
 }
 
@@ -167,7 +266,7 @@ export async function runToExit(
   t: TestContext,
   args: readonly string[],
 ): Promise<Exit & { stdout: string; stderr: string }> {
-  const vm = new Scope(t).start(args);
+  const vm = new ProcessScope(t).start(args);
   const exit = await vm.waitExit(QUICK_EXIT_MS);
   return { ...exit, stdout: vm.stdout, stderr: vm.stderr };
 }
@@ -186,6 +285,7 @@ export async function negotiate(qmp: QmpClient): Promise<void> {
   assert.deepEqual(await within(qmp.execute('qmp_capabilities'), 'qmp_capabilities'), {});
 }
 
+/** query-status, checked for shape. */
 export async function queryStatus(qmp: QmpClient): Promise<{ status: string; running: boolean }> {
   const r = await within(qmp.execute('query-status'), 'query-status');
   assert.ok(isJsonObject(r));
@@ -194,6 +294,7 @@ export async function queryStatus(qmp: QmpClient): Promise<{ status: string; run
   return { status: r.status as string, running: r.running as boolean };
 }
 
+/** Polls query-status until the VM runs. */
 export async function waitRunning(qmp: QmpClient): Promise<void> {
   const deadline = Date.now() + QMP_MS;
   for (;;) {
@@ -221,6 +322,7 @@ export async function expectShutdownOnly(qmp: QmpClient, reason: string): Promis
   assert.ok(!names.includes('STOP'), `no STOP on the way out, got ${JSON.stringify(names)}`);
 }
 
+/** The -qmp option for a unix socket server that does not wait for a client. */
 export function qmpArg(socket: string): string[] {
   return ['-qmp', `unix:${socket},server=on,wait=off`];
 }

@@ -1,4 +1,4 @@
-import { writeSync } from 'node:fs';
+import { writeOrDrop } from '../util/fd-writer.js';
 
 /** A value a trace event carries. Booleans print as 1/0, like QEMU's `%d`. */
 export type TraceValue = string | number | bigint | boolean;
@@ -50,25 +50,10 @@ export function formatBacktrace(stack: string | undefined): string {
 /**
  * Writes a whole record with as few write(2) calls as possible, so records
  * from different threads sharing the fd interleave whole, never mid-line.
- * Tracing must never take the VMM down: an fd that stopped accepting data
- * (closed pipe, full disk) loses the record; a non-blocking fd that is
- * momentarily full is waited for.
+ * Tracing must never take the VMM down or hold up a vCPU thread: an fd
+ * that stopped accepting data (closed pipe, full disk, a reader that
+ * stopped reading) loses the record (see util/fd-writer.ts).
  */
 export function writeRecord(fd: number, text: string): void {
-  const bytes = Buffer.from(text, 'utf8');
-  let off = 0;
-  let spins = 0;
-  while (off < bytes.length) {
-    try {
-      off += writeSync(fd, bytes, off, bytes.length - off);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EAGAIN' && spins++ < 1000) {
-        Atomics.wait(pauseCell, 0, 0, 1);
-        continue;
-      }
-      return;
-    }
-  }
+  writeOrDrop(fd, Buffer.from(text, 'utf8'));
 }
-
-const pauseCell = new Int32Array(new SharedArrayBuffer(4));

@@ -31,6 +31,7 @@ const c = {
   pthreadSigmask: libc.func('int pthread_sigmask(int how, const void *set, void *oldset)'),
   sigtimedwait: libc.func('int sigtimedwait(const void *set, void *info, const void *timeout)'),
   signal: libc.func('signal', 'uintptr_t', ['int', 'uintptr_t']),
+  exit: libc.func('void _exit(int status)'),
 } as const;
 
 /** open(2) flags. */
@@ -146,6 +147,17 @@ export function getpid(): number {
 /** tgkill(2): send `sig` to thread `tid` of process `tgid`. Returns 0 or -1. */
 export function tgkill(tgid: number, tid: number, sig: number): number {
   return c.tgkill(tgid, tid, sig) as number;
+}
+
+/**
+ * _exit(2): ends the whole process now, every thread included, without
+ * running exit handlers. The kernel takes each thread out of KVM_RUN
+ * itself, so this cannot hang where process.exit() would (a worker inside
+ * KVM_RUN). For the forced exit only: nothing is flushed or cleaned up.
+ */
+export function exitImmediately(status: number): never {
+  c.exit(status);
+  throw new Error('_exit returned');
 }
 
 /**

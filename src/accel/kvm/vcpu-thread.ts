@@ -57,6 +57,13 @@ export interface VcpuThreadData {
   workPort: MessagePort;
   devices: VcpuDevicePlan;
   trace: TraceConfig;
+  /**
+   * Fault injection (`-x-vcpu-ignores-kicks`): keep the kick signal blocked
+   * inside KVM_RUN too, so a vCPU the guest keeps in the kernel (halted
+   * with interrupts off) can no longer be taken out of KVM_RUN: the case
+   * the forced exit exists for.
+   */
+  ignoreKicks?: boolean;
 }
 
 const data = workerData as VcpuThreadData;
@@ -93,7 +100,11 @@ function blockKickOutsideKvmRun(): void {
   const err = pthreadSigmask(SIG_BLOCK, kickSet, previous);
   if (err !== 0) throw new TsvmmError('VCPU_SIGMASK', `pthread_sigmask failed: errno ${err}`);
   // Inside KVM_RUN: the thread's usual mask, with the kick let through.
-  sigsetDel(previous, KICK_SIGNAL);
+  // Under -x-vcpu-ignores-kicks every signal stays blocked there instead:
+  // a process-directed SIGTERM could otherwise land on this thread and
+  // interrupt KVM_RUN just as a kick would.
+  if (data.ignoreKicks) previous.fill(0xff);
+  else sigsetDel(previous, KICK_SIGNAL);
   vcpu.setSignalMask(previous);
 }
 
@@ -218,6 +229,11 @@ try {
   loop();
 } catch (err) {
   post({ type: 'fatal', message: (err as Error).message ?? String(err) });
+  // This thread is out of KVM_RUN for good: say so, or a pause (the stop
+  // into internal-error that the failure brings, or the shutdown's) would
+  // wait for it forever.
+  Atomics.store(ctl, CTL_STATE, STATE_PAUSED);
+  Atomics.notify(ctl, CTL_STATE);
   // Wait for the main thread to ask us to end: it owns the decision.
   while (!(Atomics.load(ctl, CTL_REQUEST) & REQUEST_EXIT)) {
     const bell = Atomics.load(ctl, CTL_DOORBELL);

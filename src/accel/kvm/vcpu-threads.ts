@@ -49,6 +49,8 @@ export interface VcpuThreadsOptions {
   runMmapSize: number;
   devices: VcpuDevicePlan;
   onGuestRequest: (request: GuestRequest) => void;
+  /** Fault injection: the threads ignore kicks inside KVM_RUN (see VcpuThreadData.ignoreKicks). */
+  ignoreKicks?: boolean;
 }
 
 interface Pending {
@@ -83,6 +85,7 @@ class VcpuThread {
       workPort: channel.port2,
       devices: options.devices,
       trace: currentTraceConfig(),
+      ...(options.ignoreKicks ? { ignoreKicks: true } : {}),
     };
     this.worker = new Worker(new URL('./vcpu-thread.js', import.meta.url), {
       workerData: data,
@@ -195,7 +198,17 @@ let kickSignalIgnored = false;
 
 /** All vCPU threads of one VM. */
 export class VcpuThreads implements CpuController {
-  private constructor(private readonly threads: VcpuThread[]) {}
+  /**
+   * Node ends its workers when the process exits (process.exit, an
+   * uncaught exception), and waits for each: one inside KVM_RUN would make
+   * that wait forever. So on the way out, every thread is told to end and
+   * kicked out of KVM_RUN first.
+   */
+  private readonly onProcessExit = () => this.requestExit();
+
+  private constructor(private readonly threads: VcpuThread[]) {
+    process.on('exit', this.onProcessExit);
+  }
 
   /** Creates the vCPUs (KVM_CREATE_VCPU) and their threads, and waits until each is ready and paused. */
   static async start(options: VcpuThreadsOptions): Promise<VcpuThreads> {
@@ -263,13 +276,26 @@ export class VcpuThreads implements CpuController {
     void this.thread(cpu).queue(op, arg, false);
   }
 
-  /** Asks every thread to end, kicks it out of KVM_RUN, and waits until all have ended. */
-  async end(): Promise<void> {
+  /**
+   * Tells every thread to end and kicks it out of KVM_RUN, without waiting:
+   * synchronous, for the exit paths that cannot wait (see end()).
+   */
+  requestExit(): void {
     for (const t of this.threads) {
       Atomics.or(t.ctl, CTL_REQUEST, REQUEST_EXIT);
       t.ring();
       t.kick();
     }
+  }
+
+  /** Whether every thread has ended (or reported it is about to). */
+  get allExited(): boolean {
+    return this.threads.every((t) => Atomics.load(t.ctl, CTL_STATE) === STATE_EXITED);
+  }
+
+  /** Asks every thread to end, kicks it out of KVM_RUN, and waits until all have ended. */
+  async end(): Promise<void> {
+    this.requestExit();
     // A thread inside a long KVM_RUN may have taken the first kick before
     // seeing the request; kick again until every thread is gone.
     const timer = setInterval(() => {
@@ -280,6 +306,7 @@ export class VcpuThreads implements CpuController {
     } finally {
       clearInterval(timer);
       for (const t of this.threads) t.port.close();
+      process.off('exit', this.onProcessExit);
     }
   }
 

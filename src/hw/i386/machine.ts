@@ -34,10 +34,16 @@ export interface MachineOptions {
   serialFd: number | null;
   /** kvmclock's `x-mach-use-reliable-get-clock`. */
   useReliableGetClock?: boolean;
-  faults?: KvmClockFaults;
+  faults?: MachineFaults;
   kvmPath?: string;
   /** Called on the main thread when a vCPU reports a guest power-off, reset or a failure. */
   onGuestRequest?: (request: GuestRequest) => void;
+}
+
+/** Fault injection for the machine: kvmclock's, and `-x-vcpu-ignores-kicks`. */
+export interface MachineFaults extends KvmClockFaults {
+  /** The vCPU threads cannot be kicked out of KVM_RUN (to exercise the forced exit). */
+  readonly vcpuIgnoresKicks?: boolean;
 }
 
 export class MachineError extends TsvmmError {}
@@ -99,6 +105,7 @@ export class X86Machine {
           countingPort: COUNTING_PORT,
         },
         onGuestRequest: (request) => options.onGuestRequest?.(request),
+        ...(options.faults?.vcpuIgnoresKicks ? { ignoreKicks: true } : {}),
       });
       cleanups.push(() => vcpus.end());
       // Every vCPU gets the host's CPUID with its own APIC id and the KVM
