@@ -242,7 +242,8 @@ export class KvmClockSanitizer implements KvmClockObserver {
     for (const r of readings) {
       if (r === undefined || !r.updated) continue;
       if (pending.before[r.cpu] === undefined) continue;
-      if (record.ctrlSent || this.access.hostHasCtrl) {
+      // The first start follows no pause: nothing to forgive.
+      if (pending.transition !== 'start') {
         if (this.access.hostHasCtrl && !r.guestStoppedSeen) {
           this.violate({
             kind: 'guest-stopped-missing',
