@@ -5,7 +5,7 @@
  * start the VM (unless -S), run the main loop, and clean up on quit.
  */
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { exitImmediately } from '../accel/kvm/ffi.js';
+import { CLOCK_REALTIME, clockGettimeNs, exitImmediately } from '../accel/kvm/ffi.js';
 import type { GuestRequest } from '../accel/kvm/vcpu-threads.js';
 import { parseKernelImage } from '../hw/i386/boot/kernel-image.js';
 import type { GuestBoot } from '../hw/i386/guest-boot.js';
@@ -25,10 +25,23 @@ import { setUpTracing, type TracingSetup } from '../trace/options.js';
 import { TsvmmError } from '../util/errors.js';
 import { ExitGuard } from './exit-guard.js';
 import { helpText, versionText } from './help.js';
+import {
+  createTimeline,
+  registerKvmclockCommands,
+  sanitizerOptions,
+  timelineObserver,
+  violationEventData,
+  violationLine,
+} from './kvmclock-control.js';
 import { parseCommandLine, type VmConfig } from './options.js';
 import { attachSerialStdio } from './serial-stdio.js';
 import { UsageError } from './usage-error.js';
 import { machineVmControl } from './vm-control.js';
+
+/** Host CLOCK_REALTIME in ns, as the kvmclock readings stamp it. */
+function wallClockNs(): bigint {
+  return clockGettimeNs(CLOCK_REALTIME);
+}
 
 function fail(message: string): number {
   say(message);
@@ -155,15 +168,36 @@ async function run(config: VmConfig): Promise<number> {
         loop.requestVmStop('internal-error');
       }
     };
+    const timeline = createTimeline(config.kvmclock.timeline);
+    const kvmclockCheck = sanitizerOptions({
+      check: config.kvmclock.check,
+      timeline,
+      onViolation: (v) => {
+        process.stderr.write(violationLine(v));
+        server.broadcast('KVMCLOCK_VIOLATION', violationEventData(v));
+      },
+    });
     machine = await X86Machine.create({
       cpus: config.smp.cpus,
       memoryBytes: config.memoryBytes,
       boot: guestBoot(config),
       serialFd,
       useReliableGetClock: config.kvmclock.machUseReliableGetClock,
-      faults: config.faults,
+      faults: {
+        noKvmclockCtrl: config.faults.noKvmclockCtrl,
+        unreliableGetClock: config.faults.unreliableGetClock,
+        skipSetClockOnRestore: config.faults.skipSetClockOnRestore,
+        setClockBackwardsNs: config.faults.setClockBackwardsNs,
+      },
+      kvmclockPolicy: config.kvmclock.policy,
+      ...(kvmclockCheck ? { kvmclockCheck } : {}),
       onGuestRequest,
     });
+    if (timeline) {
+      machine.kvmclock.addObserver(timelineObserver(timeline, () => wallClockNs()));
+      machine.lifecycle.events.on('RESET', () => timeline.mark('reset', wallClockNs()));
+      machine.lifecycle.events.on('SHUTDOWN', () => timeline.mark('quit', wallClockNs()));
+    }
     loop = new MainLoop({
       lifecycle: machine.lifecycle,
       noReboot: config.noReboot,
@@ -195,6 +229,12 @@ async function run(config: VmConfig): Promise<number> {
       },
     );
     registerStandardCommands(registry, { vm, version: qmpVersionInfo(), migration });
+    registerKvmclockCommands(
+      registry,
+      machine.kvmclock,
+      machine.kvmclockSanitizer,
+      config.kvmclock.check,
+    );
     lifecycle.events.on('STOP', () => server.broadcast('STOP'));
     lifecycle.events.on('RESUME', () => server.broadcast('RESUME'));
     lifecycle.events.on('SHUTDOWN', (d) => server.broadcast('SHUTDOWN', { ...d }));
@@ -246,6 +286,9 @@ async function run(config: VmConfig): Promise<number> {
       },
       say,
     );
+    if (timeline && config.kvmclock.timeline !== undefined) {
+      timeline.write(config.kvmclock.timeline);
+    }
     // A failed incoming migration ends the process as a shutdown, but it is a failure.
     return incomingFailed ? 1 : status;
   } catch (err) {

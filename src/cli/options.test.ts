@@ -44,8 +44,14 @@ describe('command line: defaults', () => {
       noKvmclockCtrl: false,
       unreliableGetClock: false,
       vcpuIgnoresKicks: false,
+      skipSetClockOnRestore: false,
+      setClockBackwardsNs: 0n,
     });
-    assert.deepEqual(c.kvmclock, { machUseReliableGetClock: true });
+    assert.deepEqual(c.kvmclock, {
+      machUseReliableGetClock: true,
+      policy: 'freeze',
+      check: false,
+    });
   });
 });
 
@@ -233,6 +239,8 @@ describe('command line: each option', () => {
       noKvmclockCtrl: true,
       unreliableGetClock: true,
       vcpuIgnoresKicks: true,
+      skipSetClockOnRestore: false,
+      setClockBackwardsNs: 0n,
     });
     assert.equal(
       run('-global', 'kvmclock.x-mach-use-reliable-get-clock=off').kvmclock.machUseReliableGetClock,
@@ -243,6 +251,30 @@ describe('command line: each option', () => {
         .machUseReliableGetClock,
       true,
     );
+  });
+
+  it('kvmclock policy, check and timeline; the new faults', () => {
+    const c = run(
+      '-global',
+      'kvmclock.policy=realtime',
+      '-global',
+      'driver=kvmclock,property=check,value=on',
+      '-kvmclock',
+      'timeline=/tmp/t.html',
+      '-x-skip-set-clock-on-restore',
+      '-x-clock-set-backwards',
+      '1000000000',
+    );
+    assert.deepEqual(c.kvmclock, {
+      machUseReliableGetClock: true,
+      policy: 'realtime',
+      check: true,
+      timeline: '/tmp/t.html',
+    });
+    assert.equal(c.faults.skipSetClockOnRestore, true);
+    assert.equal(c.faults.setClockBackwardsNs, 1_000_000_000n);
+    assert.equal(run('-global', 'kvmclock.policy=freeze').kvmclock.policy, 'freeze');
+    assert.equal(run('-kvmclock', 'timeline=x.svg').kvmclock.timeline, 'x.svg');
   });
 
   it('-h/--help/-help and -version/--version', () => {
@@ -360,7 +392,17 @@ describe('command line: errors name the option', () => {
     [['-name', 'guest=a,color=red'], /property 'color' is not supported/],
     [['-name', 'a,debug-threads=maybe'], /expected 'on' or 'off'/],
     [['-trace', 'bogus=1'], /property 'bogus' is not supported/],
-    [['-global', 'e1000.mac=x'], /supports only -global kvmclock/],
+    [['-global', 'e1000.mac=x'], /unknown driver 'e1000'; .*policy, check/],
+    [['-global', 'kvmclock.speed=2'], /kvmclock has no property 'speed'; it has policy, check/],
+    [
+      ['-global', 'kvmclock.policy=smear'],
+      /invalid kvmclock policy 'smear'; use freeze or realtime/,
+    ],
+    [['-global', 'kvmclock.check=maybe'], /check=maybe: expected 'on' or 'off'/],
+    [['-kvmclock', 'timeline=out.png'], /name the file FILE\.html or FILE\.svg/],
+    [['-kvmclock', 'timeline'], /give timeline=FILE/],
+    [['-kvmclock', 'graph=x.svg'], /property 'graph' is not supported/],
+    [['-x-clock-set-backwards', '-5'], /expected a positive number of nanoseconds/],
     [['-global', 'kvmclock.x-mach-use-reliable-get-clock=sometimes'], /expected 'on' or 'off'/],
     [['-global', 'nonsense'], /expected DRIVER\.PROPERTY=VALUE/],
   ];

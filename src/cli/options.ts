@@ -1,4 +1,5 @@
 import { parseMemorySize } from '../accel/kvm/memory/parse-size.js';
+import { KVMCLOCK_POLICIES, type KvmClockPolicy } from '../hw/i386/kvm/clock.js';
 import type { QmpListenSpec } from '../monitor/qmp-server.js';
 import { TsvmmError } from '../util/errors.js';
 import { onlyProps, parseQemuBool, parseQemuOpts } from './qemu-opts.js';
@@ -77,11 +78,21 @@ export interface VmConfig {
     unreliableGetClock: boolean;
     /** `-x-vcpu-ignores-kicks`: vCPU threads cannot be kicked out of KVM_RUN. */
     vcpuIgnoresKicks: boolean;
+    /** `-x-skip-set-clock-on-restore`: the first start after a load skips KVM_SET_CLOCK. */
+    skipSetClockOnRestore: boolean;
+    /** `-x-clock-set-backwards NS`: every start sets the clock NS ns too early. */
+    setClockBackwardsNs: bigint;
   };
   /** kvmclock device options (`-global kvmclock.PROP=VALUE`). */
   kvmclock: {
     /** x-mach-use-reliable-get-clock (default on). */
     machUseReliableGetClock: boolean;
+    /** policy: freeze (default) or realtime. */
+    policy: KvmClockPolicy;
+    /** check: the kvmclock sanitizer (default off). */
+    check: boolean;
+    /** `-kvmclock timeline=FILE`: where to write the timeline at exit. */
+    timeline?: string;
   };
 }
 
@@ -130,8 +141,14 @@ function defaultConfig(): VmConfig {
     noReboot: false,
     debugThreads: false,
     trace: { enable: [], eventFiles: [], backtrace: false },
-    faults: { noKvmclockCtrl: false, unreliableGetClock: false, vcpuIgnoresKicks: false },
-    kvmclock: { machUseReliableGetClock: true },
+    faults: {
+      noKvmclockCtrl: false,
+      unreliableGetClock: false,
+      vcpuIgnoresKicks: false,
+      skipSetClockOnRestore: false,
+      setClockBackwardsNs: 0n,
+    },
+    kvmclock: { machUseReliableGetClock: true, policy: 'freeze', check: false },
   };
 }
 
@@ -291,9 +308,15 @@ const OPTIONS: readonly OptionDef[] = [
   }),
   valued(
     ['-global'],
-    'kvmclock.x-mach-use-reliable-get-clock=on|off',
-    'set a device property; only this kvmclock one is supported',
+    'kvmclock.PROP=VALUE',
+    'set a kvmclock property: policy=freeze|realtime (guest clock across a stop or save: frozen as QEMU, or advanced by the wall time), check=on|off (the kvmclock sanitizer), x-mach-use-reliable-get-clock=on|off',
     (s, v) => applyGlobal(s, v),
+  ),
+  valued(
+    ['-kvmclock'],
+    'timeline=FILE.html|FILE.svg',
+    'write a picture of host time against each vCPU guest time, with every lifecycle event, to FILE at exit',
+    (s, v) => applyKvmclock(s, v),
   ),
   flag(
     ['-x-no-kvmclock-ctrl'],
@@ -314,6 +337,26 @@ const OPTIONS: readonly OptionDef[] = [
     'fault injection: vCPUs cannot be kicked out of KVM_RUN (only the forced exit ends tsvmm)',
     (s) => {
       s.config.faults.vcpuIgnoresKicks = true;
+    },
+  ),
+  flag(
+    ['-x-skip-set-clock-on-restore'],
+    'fault injection: the first start after an incoming migration skips KVM_SET_CLOCK',
+    (s) => {
+      s.config.faults.skipSetClockOnRestore = true;
+    },
+  ),
+  valued(
+    ['-x-clock-set-backwards'],
+    'NS',
+    'fault injection: every start sets the guest clock NS nanoseconds earlier than it should',
+    (s, v) => {
+      if (!/^\d+$/.test(v) || BigInt(v) === 0n) {
+        throw new UsageError(
+          `-x-clock-set-backwards ${v}: expected a positive number of nanoseconds`,
+        );
+      }
+      s.config.faults.setClockBackwardsNs = BigInt(v);
     },
   ),
 ];
@@ -575,10 +618,46 @@ function applyGlobal(s: ParseState, value: string): void {
   if (driver === undefined || property === undefined || setting === undefined) {
     throw new UsageError(`-global ${value}: expected DRIVER.PROPERTY=VALUE`);
   }
-  if (driver !== 'kvmclock' || property !== 'x-mach-use-reliable-get-clock') {
+  if (driver !== 'kvmclock') {
     throw new UsageError(
-      `-global ${value}: unsupported; tsvmm supports only -global kvmclock.x-mach-use-reliable-get-clock=on|off`,
+      `-global ${value}: unknown driver '${driver}'; tsvmm has global properties only for kvmclock (${KVMCLOCK_GLOBALS.join(', ')})`,
     );
   }
-  s.config.kvmclock.machUseReliableGetClock = parseQemuBool('-global', property, setting);
+  switch (property) {
+    case 'x-mach-use-reliable-get-clock':
+      s.config.kvmclock.machUseReliableGetClock = parseQemuBool('-global', property, setting);
+      return;
+    case 'check':
+      s.config.kvmclock.check = parseQemuBool('-global', property, setting);
+      return;
+    case 'policy':
+      if (!(KVMCLOCK_POLICIES as readonly string[]).includes(setting)) {
+        throw new UsageError(
+          `-global ${value}: invalid kvmclock policy '${setting}'; use ${KVMCLOCK_POLICIES.join(' or ')}`,
+        );
+      }
+      s.config.kvmclock.policy = setting as KvmClockPolicy;
+      return;
+    default:
+      throw new UsageError(
+        `-global ${value}: kvmclock has no property '${property}'; it has ${KVMCLOCK_GLOBALS.join(', ')}`,
+      );
+  }
+}
+
+const KVMCLOCK_GLOBALS = ['policy', 'check', 'x-mach-use-reliable-get-clock'];
+
+function applyKvmclock(s: ParseState, value: string): void {
+  const opts = parseQemuOpts('-kvmclock', value);
+  onlyProps('-kvmclock', opts, ['timeline']);
+  const file = opts.props.get('timeline');
+  if (file === undefined || file === '' || file === 'on') {
+    throw new UsageError(`-kvmclock ${value}: give timeline=FILE.html or timeline=FILE.svg`);
+  }
+  if (!/\.(html?|svg)$/i.test(file)) {
+    throw new UsageError(
+      `-kvmclock ${value}: the timeline is written as HTML or SVG; name the file FILE.html or FILE.svg`,
+    );
+  }
+  s.config.kvmclock.timeline = file;
 }

@@ -52,6 +52,10 @@ export const TRACE_EVENT_NAMES = [
   'monitor_qmp_event', // name=
   // migration/machine-migration.ts
   'migrate_set_state', // new_state=
+  // hw/i386/kvm/clock.ts, clock-check.ts (tsvmm's kvmclock policy and sanitizer)
+  'kvmclock_realtime', // clock= realtime= now= advance= error= source= mode=
+  'kvmclock_reading', // transition= cpu= ns= tsc= version= flags=
+  'kvmclock_violation', // kind= transition= cpu=
 ] as const;
 
 /** The name of one known trace event. */

@@ -16,11 +16,27 @@ test('capabilities as this project measured them on a PVM host', () => {
       [KVM_CAP.TSC_DEADLINE_TIMER]: 1,
     }),
   );
-  assert.deepEqual(caps, { kvmclockCtrl: true, clockTscStable: true, tscDeadlineTimer: true });
+  assert.deepEqual(caps, {
+    kvmclockCtrl: true,
+    clockTscStable: true,
+    clockRealtime: true,
+    tscDeadlineTimer: true,
+  });
 });
 
 test('a host whose clock is not TSC-stable and that lacks KVMCLOCK_CTRL', () => {
   // REALTIME | HOST_TSC without TSC_STABLE.
   const caps = kvmHostCapabilities(host({ [KVM_CAP.ADJUST_CLOCK]: 0xc }));
-  assert.deepEqual(caps, { kvmclockCtrl: false, clockTscStable: false, tscDeadlineTimer: false });
+  assert.deepEqual(caps, {
+    kvmclockCtrl: false,
+    clockTscStable: false,
+    clockRealtime: true,
+    tscDeadlineTimer: false,
+  });
+});
+
+test('a host without KVM_CLOCK_REALTIME (KVM_CAP_ADJUST_CLOCK = TSC_STABLE only)', () => {
+  const caps = kvmHostCapabilities(host({ [KVM_CAP.ADJUST_CLOCK]: 0x2 }));
+  assert.equal(caps.clockRealtime, false);
+  assert.equal(caps.clockTscStable, true);
 });

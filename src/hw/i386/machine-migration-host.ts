@@ -21,7 +21,7 @@ export type X86MigrationHostOptions = Pick<
 export function x86MigrationHost(
   machine: Pick<
     X86Machine,
-    'vm' | 'memory' | 'vcpus' | 'lifecycle' | 'kvmclock' | 'serial' | 'tscAtStop'
+    'vm' | 'memory' | 'vcpus' | 'lifecycle' | 'kvmclock' | 'serial' | 'tscAtStop' | 'restoredTsc'
   >,
   options: X86MigrationHostOptions,
 ): MigrationHost {
@@ -35,6 +35,7 @@ export function x86MigrationHost(
       kvmclock: machine.kvmclock,
       serialState: machine.serial.state,
       tscAtStop: machine.tscAtStop,
+      restoredTsc: machine.restoredTsc,
     }),
     lifecycle: machine.lifecycle,
     ...options,

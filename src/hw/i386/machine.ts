@@ -6,16 +6,19 @@
 
 import { kvmHostCapabilities } from '../../accel/kvm/capabilities.js';
 import { type CpuSavedState, MSR_IA32_TSC } from '../../accel/kvm/cpu-state.js';
+import { CLOCK_REALTIME, clockGettimeNs } from '../../accel/kvm/ffi.js';
+import { KVM_CLOCK_REALTIME } from '../../accel/kvm/ioctls.js';
 import { GuestMemory } from '../../accel/kvm/memory/guest-memory.js';
 import { Kvm } from '../../accel/kvm/system.js';
 import { type GuestRequest, VcpuThreads } from '../../accel/kvm/vcpu-threads.js';
 import type { KvmVm } from '../../accel/kvm/vm.js';
-import { VmLifecycle } from '../../system/cpus.js';
+import { type CpuController, VmLifecycle } from '../../system/cpus.js';
 import { TsvmmError } from '../../util/errors.js';
 import { COM1_BASE, COM1_IRQ, createSerialState, Serial16550 } from '../char/serial.js';
 import { buildGuestCpuid } from './cpuid.js';
 import { bootGuest, type GuestBoot } from './guest-boot.js';
-import { KvmClockDevice, type KvmClockFaults } from './kvm/clock.js';
+import { KvmClockDevice, type KvmClockFaults, type KvmClockPolicy } from './kvm/clock.js';
+import { KvmClockSanitizer, type KvmClockSanitizerOptions } from './kvm/clock-check.js';
 import { MSR_KVM_SYSTEM_TIME_NEW, pvclockNsAt, readPvclock } from './kvm/pvclock.js';
 import { MPTABLE_MAX_CPUS } from './mptable.js';
 import { PROBE_MAX_CPUS, probeMemoryNeeded } from './probe-boot.js';
@@ -35,6 +38,14 @@ export interface MachineOptions {
   /** kvmclock's `x-mach-use-reliable-get-clock`. */
   useReliableGetClock?: boolean;
   faults?: MachineFaults;
+  /** kvmclock's `policy` (default freeze). */
+  kvmclockPolicy?: KvmClockPolicy;
+  /**
+   * Reads every vCPU's pvclock at each transition (the sanitizer). With
+   * `report` it checks them (`kvmclock.check=on`); without, it only records
+   * them (for the timeline). Absent: nothing is read (the seed's path).
+   */
+  kvmclockCheck?: KvmClockSanitizerOptions;
   kvmPath?: string;
   /** Called on the main thread when a vCPU reports a guest power-off, reset or a failure. */
   onGuestRequest?: (request: GuestRequest) => void;
@@ -61,6 +72,10 @@ export class X86Machine {
     readonly serial: Serial16550,
     /** Each vCPU's TSC as read at the current stop, if the VM is stopped and kvmclock saved the clock. */
     readonly tscAtStop: readonly (bigint | undefined)[],
+    /** Each vCPU's TSC as last loaded from a migration stream. */
+    readonly restoredTsc: (bigint | undefined)[],
+    /** The kvmclock sanitizer, when asked for. */
+    readonly kvmclockSanitizer: KvmClockSanitizer | undefined,
   ) {}
 
   static async create(options: MachineOptions): Promise<X86Machine> {
@@ -145,7 +160,23 @@ export class X86Machine {
         );
       await loadGuest();
 
-      const lifecycle = new VmLifecycle({ cpus: vcpus });
+      // The sanitizer looks at the guest's pvclock right after the vCPUs
+      // resume, so the lifecycle resumes them through this hook.
+      let sanitizer: KvmClockSanitizer | undefined;
+      const cpus: CpuController = {
+        get count() {
+          return vcpus.count;
+        },
+        pauseAll: () => vcpus.pauseAll(),
+        resumeAll: async () => {
+          await vcpus.resumeAll();
+          await sanitizer?.afterResume();
+        },
+        runOnCpu: (cpu, op, arg) => vcpus.runOnCpu(cpu, op, arg),
+        asyncRunOnCpu: (cpu, op, arg) => vcpus.asyncRunOnCpu(cpu, op, arg),
+      };
+      const lifecycle = new VmLifecycle({ cpus: options.kvmclockCheck ? cpus : vcpus });
+      const restoredTsc: (bigint | undefined)[] = [];
       // Each vCPU's TSC read when kvmclock saved the clock at a stop (QEMU's
       // kvm_synchronize_all_tsc), so a migration saves TSCs and clock of
       // the same moment. Forgotten when the VM runs again.
@@ -156,6 +187,10 @@ export class X86Machine {
         callback: (running) => {
           if (running) tscAtStop.length = 0;
         },
+      });
+      // The sanitizer reads where the guest got to before a reset wipes the MSRs.
+      lifecycle.addResetHandler(async () => {
+        await sanitizer?.reset();
       });
       // A reset (system_reset, or a guest's reboot) starts the guest afresh
       // on every vCPU, and lets vCPUs parked by the guest's request run again.
@@ -169,7 +204,12 @@ export class X86Machine {
       const kvmclock = new KvmClockDevice(
         {
           getClock: () => vm.getClock(),
-          setClock: (clock) => vm.setClock({ clock }),
+          setClock: (clock, realtime) =>
+            realtime === undefined
+              ? vm.setClock({ clock })
+              : vm.setClock({ clock, flags: KVM_CLOCK_REALTIME, realtime }),
+          hasRealtimeClock: caps.clockRealtime,
+          hostRealtimeNs: () => clockGettimeNs(CLOCK_REALTIME),
           hasKvmclockCtrl: caps.kvmclockCtrl,
           clockIsReliableFromHost: caps.clockTscStable,
           readGuestPvclockNs: () => readGuestKvmclock(vcpus, memory),
@@ -185,14 +225,49 @@ export class X86Machine {
             ? { useReliableGetClock: options.useReliableGetClock }
             : {}),
           ...(options.faults ? { faults: options.faults } : {}),
+          ...(options.kvmclockPolicy ? { policy: options.kvmclockPolicy } : {}),
         },
       );
       kvmclock.realize(lifecycle.notifiers);
+      if (options.kvmclockCheck) {
+        sanitizer = new KvmClockSanitizer(
+          {
+            count: options.cpus,
+            readMsrs: async (cpu) => {
+              const msrs = (await vcpus.runOnCpu(cpu, 'get_msrs', [
+                MSR_KVM_SYSTEM_TIME_NEW,
+                MSR_IA32_TSC,
+              ])) as { index: number; data: bigint }[];
+              return {
+                systemTime: msrs.find((m) => m.index === MSR_KVM_SYSTEM_TIME_NEW)?.data ?? 0n,
+                tsc: msrs.find((m) => m.index === MSR_IA32_TSC)?.data ?? 0n,
+              };
+            },
+            readGuest: (gpa, length) => memory.read(gpa, length),
+            tscAtStop: (cpu) => tscAtStop[cpu] ?? restoredTsc[cpu],
+            hostRealtimeNs: () => clockGettimeNs(CLOCK_REALTIME),
+            hostHasCtrl: caps.kvmclockCtrl,
+          },
+          kvmclock,
+          options.kvmclockCheck,
+        );
+      }
       const serial = new Serial16550(serialState, {
         transmit: () => {},
         setIrq: (level) => vm.irqLine(COM1_IRQ, level ? 1 : 0),
       });
-      return new X86Machine(kvm, vm, memory, vcpus, lifecycle, kvmclock, serial, tscAtStop);
+      return new X86Machine(
+        kvm,
+        vm,
+        memory,
+        vcpus,
+        lifecycle,
+        kvmclock,
+        serial,
+        tscAtStop,
+        restoredTsc,
+        sanitizer,
+      );
     } catch (err) {
       await undo();
       throw err;

@@ -32,6 +32,8 @@ export interface X86MigrationParts {
   readonly serialState: SharedArrayBuffer;
   /** Each vCPU's TSC read when the clock was saved at this stop; saved in its place. */
   readonly tscAtStop?: readonly (bigint | undefined)[];
+  /** Filled with each vCPU's TSC as loaded (the kvmclock sanitizer reads the source's last moment at it). */
+  readonly restoredTsc?: (bigint | undefined)[];
 }
 
 const MSR_IA32_TSC = 0x10;
@@ -60,6 +62,9 @@ export function x86MigrationDevices(parts: X86MigrationParts): MigratableDevice[
         state.saved = withTscAt(saved, parts.tscAtStop?.[cpu]);
       },
       restore: async () => {
+        if (parts.restoredTsc) {
+          parts.restoredTsc[cpu] = state.saved?.msrs.find((m) => m.index === MSR_IA32_TSC)?.data;
+        }
         await parts.cpus.runOnCpu(cpu, SET_CPU_STATE_OP, state.saved);
       },
     });

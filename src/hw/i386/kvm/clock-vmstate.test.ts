@@ -94,3 +94,54 @@ test('kvmclock vmstate: without x-mach-use-reliable-get-clock no subsection; the
   assert.deepEqual(dst.log, ['P', 'S']);
   assert.deepEqual(dst.sets, [42_000_000n]);
 });
+
+test('kvmclock vmstate: the policy realtime sends its pair in kvmclock/realtime; freeze never does', async () => {
+  let realtime = 1_700_000_000_123_456_789n;
+  const backend: KvmClockBackend = {
+    getClock: () => ({ clock: 77_000_000n, flags: 0x6, realtime }),
+    setClock() {},
+    hasKvmclockCtrl: true,
+    clockIsReliableFromHost: true,
+    hasRealtimeClock: true,
+    hostRealtimeNs: () => realtime,
+  };
+  const cpus = new RecordingCpus(1);
+  cpus.ops.set(KVMCLOCK_CTRL_OP, () => 0);
+  const vm = new VmLifecycle({ cpus, runstate: new RunStateMachine('prelaunch') });
+  const src = new KvmClockDevice(backend, cpus, { policy: 'realtime' });
+  src.realize(vm.notifiers);
+  await vm.vmStart();
+  realtime += 1000n;
+  await vm.vmStopForceState('finish-migrate');
+  const dst = new KvmClockDevice(backend, new RecordingCpus(1), { policy: 'realtime' });
+  const loaded = await roundTripThroughFile([kvmclockSection(src)], [kvmclockSection(dst)]);
+  assert.deepEqual(dst.realtimePair, {
+    clock: 77_000_000n,
+    realtime: 1_700_000_000_123_457_789n,
+    errorNs: 0n,
+    source: 'kvm',
+  });
+  const desc = loaded.vmdesc.devices.find((d) => d.name === 'kvmclock')!;
+  assert.deepEqual(
+    desc.subsections?.map((s) => s.vmsd_name),
+    ['kvmclock/clock_is_reliable', 'kvmclock/realtime'],
+  );
+  assert.deepEqual(
+    desc.subsections?.[1]?.fields.map((f) => `${f.name}:${f.type}:${f.size}`),
+    ['clock:uint64:8', 'realtime:uint64:8', 'error_ns:uint64:8'],
+  );
+
+  const frozen = side();
+  await frozen.vm.vmStart();
+  await frozen.vm.vmStopForceState('finish-migrate');
+  const other = side();
+  const loaded2 = await roundTripThroughFile(
+    [kvmclockSection(frozen.dev)],
+    [kvmclockSection(other.dev)],
+  );
+  assert.deepEqual(
+    loaded2.vmdesc.devices.find((d) => d.name === 'kvmclock')!.subsections?.map((s) => s.vmsd_name),
+    ['kvmclock/clock_is_reliable'],
+  );
+  assert.equal(other.dev.realtimePair, undefined);
+});

@@ -1,7 +1,13 @@
 /**
  * kvmclock's migration state (QEMU's kvmclock_vmsd, version 1): the field
  * `clock` (u64 ns), and the subsection `kvmclock/clock_is_reliable` (bool),
- * sent when `x-mach-use-reliable-get-clock` is on. The hooks are the
+ * sent when `x-mach-use-reliable-get-clock` is on. tsvmm adds the
+ * subsection `kvmclock/realtime` (u64 `clock`, u64 `realtime` ns of host
+ * CLOCK_REALTIME, u64 `error_ns`), sent only under the policy `realtime`:
+ * subsections are how a device's state grows without a new version, and
+ * QEMU's analyze-migration.py reads them from the stream's JSON description.
+ * QEMU itself would refuse a stream with it (an unknown subsection), so
+ * the default policy never sends it. The hooks are the
  * device's own: pre-save re-reads the clock unless the VM was paused by the
  * user, pre-load marks the clock unreliable (a stream without the
  * subsection makes the destination read the guest's pvclock instead). No
@@ -10,7 +16,12 @@
  */
 import type { DeviceSection } from '../../../migration/stream.js';
 import { type VMStateDescription, vmsField } from '../../../migration/vmstate.js';
-import { KVMCLOCK_VMSTATE, type KvmClockDevice } from './clock.js';
+import { KVMCLOCK_VMSTATE, type KvmClockDevice, type KvmClockRealtimePair } from './clock.js';
+
+/** The pair being read from a stream, field by field (the setters run in wire order). */
+function stagedPair(d: KvmClockDevice): KvmClockRealtimePair {
+  return d.realtimePair ?? { clock: 0n, realtime: 0n, errorNs: 0n, source: 'host' };
+}
 
 /** vmstate "kvmclock" over the device itself. */
 export const KVMCLOCK_VMSD: VMStateDescription<KvmClockDevice> = {
@@ -37,6 +48,34 @@ export const KVMCLOCK_VMSD: VMStateDescription<KvmClockDevice> = {
           (d: KvmClockDevice) => d.clockIsReliable,
           (d, v) => {
             d.clockIsReliable = v;
+          },
+        ),
+      ],
+    },
+    {
+      name: KVMCLOCK_VMSTATE.realtimeSubsection,
+      version: 1,
+      needed: (d) => d.policy === 'realtime' && d.realtimePair !== undefined,
+      fields: [
+        vmsField.uint64(
+          'clock',
+          (d: KvmClockDevice) => d.realtimePair!.clock,
+          (d, v) => {
+            d.realtimePair = { ...stagedPair(d), clock: v };
+          },
+        ),
+        vmsField.uint64(
+          'realtime',
+          (d: KvmClockDevice) => d.realtimePair!.realtime,
+          (d, v) => {
+            d.realtimePair = { ...stagedPair(d), realtime: v };
+          },
+        ),
+        vmsField.uint64(
+          'error_ns',
+          (d: KvmClockDevice) => d.realtimePair!.errorNs,
+          (d, v) => {
+            d.realtimePair = { ...stagedPair(d), errorNs: v, source: v === 0n ? 'kvm' : 'host' };
           },
         ),
       ],

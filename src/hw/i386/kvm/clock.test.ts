@@ -274,3 +274,105 @@ test('the seed trace of a start: one state change on main, then KVMCLOCK_CTRL pe
   ]);
   assert.ok(lines.every((l) => l.endsWith(' thread=main')));
 });
+
+// The policy `realtime` and the new faults, against a double whose VM
+// clock and host realtime the test moves by hand.
+function realtimeHarness(opts: { kvmRealtime: boolean; faults?: KvmClockOptions['faults'] }) {
+  let realtime = 1_700_000_000_000_000_000n;
+  let kvmClock = 1_000_000n;
+  const sets: { clock: bigint; realtime?: bigint }[] = [];
+  const backend: KvmClockBackend = {
+    getClock: () => ({
+      clock: kvmClock,
+      flags: opts.kvmRealtime ? 0x6 : 0x2,
+      ...(opts.kvmRealtime ? { realtime } : {}),
+    }),
+    setClock(clock, rt) {
+      sets.push(rt === undefined ? { clock } : { clock, realtime: rt });
+      kvmClock = clock;
+    },
+    hasRealtimeClock: opts.kvmRealtime,
+    hostRealtimeNs: () => realtime,
+    hasKvmclockCtrl: true,
+    clockIsReliableFromHost: true,
+  };
+  const cpus = new RecordingCpus(2);
+  cpus.ops.set(KVMCLOCK_CTRL_OP, () => 0);
+  const vm = new VmLifecycle({ cpus, runstate: new RunStateMachine('prelaunch') });
+  const dev = new KvmClockDevice(backend, cpus, {
+    policy: 'realtime',
+    ...(opts.faults ? { faults: opts.faults } : {}),
+  });
+  dev.realize(vm.notifiers);
+  return {
+    vm,
+    dev,
+    sets,
+    pass: (ns: bigint) => {
+      realtime += ns;
+      kvmClock += ns;
+    },
+    wait: (ns: bigint) => {
+      realtime += ns;
+    },
+  };
+}
+
+test('policy realtime with KVM_CLOCK_REALTIME: SET_CLOCK carries the pair GET_CLOCK took at the stop', async () => {
+  const h = realtimeHarness({ kvmRealtime: true });
+  await h.vm.vmStart();
+  assert.deepEqual(h.sets.at(-1), { clock: 1_000_000n }, 'the first start has no pair: exact');
+  h.pass(3_000_000n);
+  await h.vm.vmStop('paused');
+  const pair = h.dev.realtimePair!;
+  assert.equal(pair.source, 'kvm');
+  assert.equal(pair.errorNs, 0n);
+  h.wait(5_000_000_000n);
+  await h.vm.vmStart();
+  assert.deepEqual(h.sets.at(-1), { clock: pair.clock, realtime: pair.realtime });
+  assert.equal(h.dev.lastStart, undefined, 'no observer, no record');
+  assert.equal(h.dev.realtimePair, undefined, 'the pair is used once');
+});
+
+test('policy realtime without KVM_CLOCK_REALTIME: the advance is computed from CLOCK_REALTIME', async () => {
+  const h = realtimeHarness({ kvmRealtime: false });
+  const records: bigint[] = [];
+  h.dev.addObserver({ started: (r) => void records.push(r.advanceNs) });
+  await h.vm.vmStart();
+  await h.vm.vmStop('paused');
+  const pair = h.dev.realtimePair!;
+  assert.equal(pair.source, 'host');
+  h.wait(5_000_000_000n);
+  await h.vm.vmStart();
+  assert.deepEqual(h.sets.at(-1), { clock: pair.clock + 5_000_000_000n });
+  assert.deepEqual(records, [0n, 5_000_000_000n]);
+  assert.equal(h.dev.lastStart?.realtimeMode, 'computed');
+});
+
+test('policy realtime never sets the clock back when the host clock stepped back', async () => {
+  const h = realtimeHarness({ kvmRealtime: false });
+  await h.vm.vmStart();
+  await h.vm.vmStop('paused');
+  const pair = h.dev.realtimePair!;
+  h.wait(-60_000_000_000n);
+  await h.vm.vmStart();
+  assert.deepEqual(h.sets.at(-1), { clock: pair.clock });
+});
+
+test('faults: a clock set backwards, and a restore that skips KVM_SET_CLOCK', async () => {
+  const back = realtimeHarness({ kvmRealtime: false, faults: { setClockBackwardsNs: 400n } });
+  await back.vm.vmStart();
+  assert.deepEqual(back.sets, [{ clock: 1_000_000n - 400n }]);
+
+  const skip = realtimeHarness({ kvmRealtime: false, faults: { skipSetClockOnRestore: true } });
+  await skip.vm.vmStart();
+  assert.equal(skip.sets.length, 1, 'a start that is not a restore sets the clock');
+  await skip.vm.vmStop('paused');
+  skip.dev.preLoad();
+  skip.dev.loadState({ clock: 9_000_000n, clockIsReliable: true });
+  await skip.vm.vmStart();
+  assert.equal(skip.sets.length, 1, 'the start after the load did not set it');
+  await skip.vm.vmStop('paused');
+  await skip.vm.vmStart();
+  assert.equal(skip.sets.length, 2, 'only the first start after a load is skipped');
+});

@@ -1,0 +1,379 @@
+// kvmclock's policies and sanitizer on KVM, end to end: tsvmm processes
+// running the probe guest, stopped for 5 s and saved → 5 s → restored,
+// measured from the guest's own ticks and from query-kvmclock; then the
+// sanitizer against injected faults.
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, type TestContext, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { DEFAULT_TICK_NS } from '../hw/i386/probe-boot.js';
+import { isJsonObject, type JsonObject } from '../monitor/json-value.js';
+import type { QmpClient } from '../monitor/qmp-client.js';
+import { requireKvm } from '../test-support/kvm.js';
+import { type ProbeLine, parseProbeOutput, waitFor } from '../test-support/machine.js';
+import { scaled } from '../test-support/time-scale.js';
+import {
+  negotiate,
+  qmpArg,
+  queryStatus,
+  ProcessScope as Scope,
+  SHUTDOWN_MS,
+  type TsvmmProcess as Tsvmm,
+  waitRunning,
+  within,
+} from '../test-support/tsvmm-process.js';
+
+const CPUS = 2;
+const PAUSE_MS = 5_000;
+const MS = 1_000_000n;
+
+function probeLines(path: string, resumed = false): ProbeLine[] {
+  return existsSync(path) ? parseProbeOutput(readFileSync(path, 'utf8'), { resumed }) : [];
+}
+
+async function waitTicks(serial: string, ticks: number, from: number, resumed = false) {
+  await waitFor(`${ticks} ticks from each vCPU`, () => {
+    const lines = probeLines(serial, resumed).slice(from);
+    return Array.from({ length: CPUS }, (_, c) => c).every(
+      (c) => lines.filter((l) => l.cpu === c && l.event === 'tick').length >= ticks,
+    );
+  });
+}
+
+function ticks(lines: readonly ProbeLine[], cpu: number): bigint[] {
+  return lines.filter((l) => l.cpu === cpu && l.event === 'tick').map((l) => l.fields.ns!);
+}
+
+async function queryKvmclock(qmp: QmpClient): Promise<JsonObject> {
+  const r = await within(qmp.execute('query-kvmclock'), 'query-kvmclock');
+  assert.ok(isJsonObject(r));
+  return r;
+}
+
+function ns(v: unknown): bigint {
+  assert.ok(typeof v === 'number' || typeof v === 'string', `an integer, got ${String(v)}`);
+  return BigInt(v);
+}
+
+interface Vm {
+  vm: Tsvmm;
+  qmp: QmpClient;
+  serial: string;
+}
+
+async function startVm(
+  scope: Scope,
+  dir: string,
+  name: string,
+  extra: readonly string[],
+): Promise<Vm> {
+  const sock = join(dir, `${name}.sock`);
+  const serial = join(dir, `${name}.serial`);
+  const vm = scope.start([
+    ...qmpArg(sock),
+    '-serial',
+    `file:${serial}`,
+    '-smp',
+    String(CPUS),
+    ...extra,
+  ]);
+  const qmp = await scope.connect(sock, vm);
+  await negotiate(qmp);
+  return { vm, qmp, serial };
+}
+
+async function quit({ vm, qmp }: Vm): Promise<void> {
+  await within(qmp.execute('quit'), 'quit');
+  const exit = await vm.waitExit(SHUTDOWN_MS);
+  assert.deepEqual(exit, { code: 0, signal: null }, vm.stderr);
+}
+
+/** No KVMCLOCK_VIOLATION event, none in query-kvmclock, no violation line. */
+async function assertSilent(v: Vm, what: string): Promise<void> {
+  const events = v.qmp.pendingEvents().filter((e) => e.event === 'KVMCLOCK_VIOLATION');
+  assert.deepEqual(events, [], `${what}: no KVMCLOCK_VIOLATION`);
+  const q = await queryKvmclock(v.qmp);
+  assert.deepEqual(q.violations, [], `${what}: no violation in query-kvmclock`);
+  assert.doesNotMatch(v.vm.stderr, /kvmclock violation/, what);
+}
+
+/** The guest's advance across a pause: first tick after minus last tick before, per vCPU. */
+function guestAdvance(
+  before: readonly ProbeLine[],
+  after: readonly ProbeLine[],
+): { cpu: number; advance: bigint }[] {
+  return Array.from({ length: CPUS }, (_, cpu) => {
+    const last = ticks(before, cpu).at(-1);
+    const first = ticks(after, cpu)[0];
+    assert.ok(last !== undefined && first !== undefined, `vCPU ${cpu} ticked before and after`);
+    assert.ok(first > last, `vCPU ${cpu}: never backwards (${last} then ${first})`);
+    return { cpu, advance: first - last };
+  });
+}
+
+function assertNoSoftLockup(lines: readonly ProbeLine[], what: string): void {
+  for (const bad of ['backwards', 'softlockup', 'exception']) {
+    assert.deepEqual(
+      lines.filter((l) => l.event === bad),
+      [],
+      `${what}: no '${bad}' line`,
+    );
+  }
+}
+
+/**
+ * Stops `v` for PAUSE_MS and resumes it. Returns the guest's advance per
+ * vCPU, the host's advance as kvmclock applied it (0 under freeze) and the
+ * wall time the test itself saw between the stop and the resume.
+ */
+async function pauseAndResume(t: TestContext, v: Vm, policy: string) {
+  await waitTicks(v.serial, 3, 0);
+  const stopSent = process.hrtime.bigint();
+  await within(v.qmp.execute('stop'), 'stop');
+  await within(v.qmp.nextEvent('STOP'), 'STOP');
+  const stopSeen = process.hrtime.bigint();
+  const at = probeLines(v.serial).length;
+  const beforeCont = await queryKvmclock(v.qmp);
+  await sleep(PAUSE_MS);
+  const contSent = process.hrtime.bigint();
+  await within(v.qmp.execute('cont'), 'cont');
+  const contDone = process.hrtime.bigint();
+  await waitTicks(v.serial, 2, at);
+  const lines = probeLines(v.serial);
+  const q = await queryKvmclock(v.qmp);
+  const start = q['last-start'] as JsonObject;
+  const hostAdvance = ns(start['advance-ns']);
+  const advances = guestAdvance(lines.slice(0, at), lines.slice(at));
+  for (let cpu = 0; cpu < CPUS; cpu++) {
+    assert.ok(
+      lines.slice(at).some((l) => l.cpu === cpu && l.event === 'stopped'),
+      `vCPU ${cpu} saw GUEST_STOPPED (KVMCLOCK_CTRL still sent)`,
+    );
+  }
+  assertNoSoftLockup(lines, `${policy} stop`);
+  // The sanitizer's own readings: the stop's and the start's, on each vCPU.
+  const readings = (q.vcpus as JsonObject[]).map((r) => ({
+    cpu: r['cpu-index'] as number,
+    transition: r.transition,
+    ns: ns(r.ns),
+    flags: r.flags as number,
+  }));
+  const stopReadings = (beforeCont.vcpus as JsonObject[]).map((r) => ns(r.ns));
+  t.diagnostic(
+    `${policy} stop ${PAUSE_MS} ms: test saw ${(contSent - stopSeen) / 1000n} us..${(contDone - stopSent) / 1000n} us stopped; kvmclock added ${hostAdvance} ns (${start['realtime-mode']}); guest tick advance ${advances.map((a) => `cpu${a.cpu}=${a.advance}`).join(' ')} ns; pvclock stop->cont ${readings.map((r, i) => `cpu${r.cpu}=${r.ns - stopReadings[i]!}`).join(' ')} ns`,
+  );
+  return {
+    advances,
+    hostAdvance,
+    mode: start['realtime-mode'],
+    wallLow: contSent - stopSeen,
+    wallHigh: contDone - stopSent,
+    pvclock: readings.map((r, i) => r.ns - stopReadings[i]!),
+  };
+}
+
+/** The guest's tick advance across a pause vs what the policy promises. */
+function assertPolicy(
+  policy: 'freeze' | 'realtime',
+  advances: readonly { cpu: number; advance: bigint }[],
+  hostAdvance: bigint,
+): void {
+  // The probe samples its clock once a tick: the advance seen between two
+  // ticks is the pause's share plus up to one tick interval of running.
+  for (const { cpu, advance } of advances) {
+    const beyond = advance - hostAdvance;
+    assert.ok(
+      beyond > -1n * MS && beyond < DEFAULT_TICK_NS + 1n * MS,
+      `${policy}: vCPU ${cpu}'s clock advanced ${advance} ns across the pause; the host's advance applied was ${hostAdvance} ns; expected within 1 ms beyond one ${DEFAULT_TICK_NS} ns tick`,
+    );
+  }
+}
+
+describe('kvmclock policies on the probe guest (needs KVM)', () => {
+  for (const policy of ['freeze', 'realtime'] as const) {
+    test(`policy=${policy}: a 5 s stop and save -> 5 s -> restore, measured; the sanitizer stays silent`, {
+      timeout: scaled(400_000),
+    }, async (t) => {
+      if (!requireKvm(t)) return;
+      const scope = new Scope(t);
+      const dir = scope.tempDir();
+      const html = join(dir, 'timeline.html');
+      const args = [
+        '-global',
+        `kvmclock.policy=${policy}`,
+        '-global',
+        'kvmclock.check=on',
+        '-kvmclock',
+        `timeline=${html}`,
+      ];
+      const src = await startVm(scope, dir, 'src', args);
+      await waitRunning(src.qmp);
+      const q0 = await queryKvmclock(src.qmp);
+      assert.equal(q0.policy, policy);
+      assert.equal(q0.check, true);
+
+      const stop = await pauseAndResume(t, src, policy);
+      if (policy === 'freeze') {
+        assert.equal(stop.hostAdvance, 0n);
+        assertPolicy('freeze', stop.advances, 0n);
+      } else {
+        // kvmclock's advance is the wall time from the save to the set, which the test brackets.
+        assert.ok(
+          stop.hostAdvance >= stop.wallLow && stop.hostAdvance <= stop.wallHigh,
+          `realtime advance ${stop.hostAdvance} ns within what the test saw (${stop.wallLow}..${stop.wallHigh} ns)`,
+        );
+        assertPolicy('realtime', stop.advances, stop.hostAdvance);
+      }
+      await assertSilent(src, `${policy} stop/cont`);
+
+      // save -> 5 s -> restore.
+      const saved = join(dir, 'vm.state');
+      await within(src.qmp.execute('migrate', { uri: `file:${saved}` }), 'migrate');
+      await waitFor('the migration to complete', () => existsSync(saved), 60_000);
+      for (;;) {
+        const s = await queryStatus(src.qmp);
+        if (s.status === 'postmigrate') break;
+        await sleep(50);
+      }
+      const srcLines = probeLines(src.serial);
+      await assertSilent(src, `${policy} finish-migrate`);
+      await quit(src);
+      await sleep(PAUSE_MS);
+      const dst = await startVm(scope, dir, 'dst', [
+        ...args.slice(0, 4),
+        '-incoming',
+        `file:${saved}`,
+      ]);
+      await waitRunning(dst.qmp);
+      await waitTicks(dst.serial, 2, 0, true);
+      const dstLines = probeLines(dst.serial, true);
+      const q = await queryKvmclock(dst.qmp);
+      const start = q['last-start'] as JsonObject;
+      assert.equal(start.restored, true);
+      const hostAdvance = ns(start['advance-ns']);
+      const advances = guestAdvance(srcLines, dstLines);
+      t.diagnostic(
+        `${policy} save -> ${PAUSE_MS} ms -> restore: kvmclock added ${hostAdvance} ns (${start['realtime-mode']}); guest tick advance ${advances.map((a) => `cpu${a.cpu}=${a.advance}`).join(' ')} ns`,
+      );
+      if (policy === 'freeze') {
+        assert.equal(hostAdvance, 0n);
+      } else {
+        assert.ok(
+          hostAdvance >= BigInt(PAUSE_MS) * MS,
+          `realtime restore advanced ${hostAdvance} ns`,
+        );
+      }
+      assertPolicy(policy, advances, hostAdvance);
+      assertNoSoftLockup(dstLines, `${policy} restore`);
+      for (let cpu = 0; cpu < CPUS; cpu++) {
+        assert.ok(dstLines.some((l) => l.cpu === cpu && l.event === 'stopped'));
+      }
+      await assertSilent(dst, `${policy} incoming`);
+      await quit(dst);
+
+      // The source's timeline: every event of its life, in order.
+      const page = readFileSync(html, 'utf8');
+      assert.match(page, /^<!DOCTYPE html>/);
+      assert.doesNotMatch(page, /https?:\/\/(?!www\.w3\.org\/2000\/svg)/, 'nothing to fetch');
+      const kinds = [...page.matchAll(/class="mark" data-kind="(\w+)"/g)].map((m) => m[1]);
+      assert.deepEqual(kinds, ['start', 'CTRL', 'stop', 'cont', 'CTRL', 'migrate', 'quit']);
+      assert.equal([...page.matchAll(/class="vcpu"/g)].length, CPUS);
+    });
+  }
+});
+
+/** Boots a VM with `args`, lets it tick, stops and resumes it; returns the violations it reported. */
+async function violationsAcrossStop(
+  t: TestContext,
+  args: readonly string[],
+): Promise<JsonObject[]> {
+  const scope = new Scope(t);
+  const dir = scope.tempDir();
+  const v = await startVm(scope, dir, 'vm', ['-global', 'kvmclock.check=on', ...args]);
+  await waitRunning(v.qmp);
+  await waitTicks(v.serial, 2, 0);
+  await within(v.qmp.execute('stop'), 'stop');
+  await within(v.qmp.nextEvent('STOP'), 'STOP');
+  await sleep(500);
+  await within(v.qmp.execute('cont'), 'cont');
+  const event = await within(v.qmp.nextEvent('KVMCLOCK_VIOLATION'), 'KVMCLOCK_VIOLATION');
+  assert.ok(isJsonObject(event.data as JsonObject));
+  const q = await queryKvmclock(v.qmp);
+  await quit(v);
+  assert.match(v.vm.stderr, /^tsvmm: kvmclock violation \(/m);
+  return q.violations as JsonObject[];
+}
+
+function kinds(violations: readonly JsonObject[]): string[] {
+  return [...new Set(violations.map((v) => v.kind as string))].sort();
+}
+
+describe('the kvmclock sanitizer catches injected faults (needs KVM)', () => {
+  test('a clock set 1 s backwards at cont: backwards on every vCPU, and the freeze policy broken', {
+    timeout: scaled(200_000),
+  }, async (t) => {
+    if (!requireKvm(t)) return;
+    const v = await violationsAcrossStop(t, ['-x-clock-set-backwards', '1000000000']);
+    assert.deepEqual(kinds(v), ['backwards', 'policy']);
+    assert.deepEqual(
+      v.filter((x) => x.kind === 'backwards').map((x) => x['cpu-index']),
+      [0, 1],
+    );
+  });
+
+  test('no KVMCLOCK_CTRL (-x-no-kvmclock-ctrl): GUEST_STOPPED missing on every vCPU', {
+    timeout: scaled(200_000),
+  }, async (t) => {
+    if (!requireKvm(t)) return;
+    const v = await violationsAcrossStop(t, ['-x-no-kvmclock-ctrl']);
+    assert.deepEqual(kinds(v), ['guest-stopped-missing']);
+  });
+
+  test('an unreliable GET_CLOCK (-x-unreliable-get-clock): the pause leaks into a frozen clock', {
+    timeout: scaled(200_000),
+  }, async (t) => {
+    if (!requireKvm(t)) return;
+    const v = await violationsAcrossStop(t, ['-x-unreliable-get-clock']);
+    assert.ok(kinds(v).includes('policy'), JSON.stringify(v));
+  });
+
+  test('a restore that skips KVM_SET_CLOCK: the guest clock is not the saved one', {
+    timeout: scaled(300_000),
+  }, async (t) => {
+    if (!requireKvm(t)) return;
+    const scope = new Scope(t);
+    const dir = scope.tempDir();
+    const src = await startVm(scope, dir, 'src', []);
+    await waitRunning(src.qmp);
+    await waitTicks(src.serial, 10, 0);
+    const saved = join(dir, 'vm.state');
+    await within(src.qmp.execute('migrate', { uri: `file:${saved}` }), 'migrate');
+    for (;;) {
+      if ((await queryStatus(src.qmp)).status === 'postmigrate') break;
+      await sleep(50);
+    }
+    await quit(src);
+    const dst = await startVm(scope, dir, 'dst', [
+      '-global',
+      'kvmclock.check=on',
+      '-x-skip-set-clock-on-restore',
+      '-incoming',
+      `file:${saved}`,
+    ]);
+    // The start may come before this client is connected: read the record, not the event.
+    await waitRunning(dst.qmp);
+    let q: JsonObject = {};
+    const deadline = Date.now() + scaled(60_000);
+    while (Date.now() < deadline) {
+      q = await queryKvmclock(dst.qmp);
+      if ((q.violations as JsonObject[]).length > 0) break;
+      await sleep(100);
+    }
+    const v = q.violations as JsonObject[];
+    assert.ok(kinds(v).includes('clock-mismatch'), JSON.stringify(q));
+    assert.ok(v.every((x) => x.transition === 'incoming'));
+    await quit(dst);
+    assert.match(dst.vm.stderr, /^tsvmm: kvmclock violation \(clock-mismatch\) at incoming/m);
+  });
+});
