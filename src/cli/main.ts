@@ -180,6 +180,7 @@ async function run(config: VmConfig): Promise<number> {
     machine = await X86Machine.create({
       cpus: config.smp.cpus,
       memoryBytes: config.memoryBytes,
+      cpuFeatures: config.cpu.features,
       boot: guestBoot(config),
       serialFd,
       useReliableGetClock: config.kvmclock.machUseReliableGetClock,

@@ -31,7 +31,7 @@ describe('command line: defaults', () => {
     const c = run();
     assert.equal(c.accel, 'kvm');
     assert.equal(c.machine, 'pc');
-    assert.deepEqual(c.cpu, { model: 'host' });
+    assert.deepEqual(c.cpu, { model: 'host', features: [] });
     assert.deepEqual(c.smp, { cpus: 1, maxcpus: 1, sockets: 1, dies: 1, cores: 1, threads: 1 });
     assert.equal(c.memoryBytes, 128 * MiB);
     assert.equal(c.startPaused, false);
@@ -73,7 +73,41 @@ describe('command line: each option', () => {
   });
 
   it('-cpu host', () => {
-    assert.deepEqual(run('-cpu', 'host').cpu, { model: 'host' });
+    assert.deepEqual(run('-cpu', 'host').cpu, { model: 'host', features: [] });
+  });
+
+  it('-cpu host with flags: +NAME, -NAME, NAME=on|off, in order, QEMU spellings folded', () => {
+    assert.deepEqual(run('-cpu', 'host,-cx16,+x2apic,xsave=off,sse4.1=on,SSE4_2=no').cpu, {
+      model: 'host',
+      features: [
+        { name: 'cx16', on: false },
+        { name: 'x2apic', on: true },
+        { name: 'xsave', on: false },
+        { name: 'sse4-1', on: true },
+        { name: 'sse4-2', on: false },
+      ],
+    });
+    // A flag may come twice; both are kept and the later one wins when applied.
+    assert.deepEqual(run('-cpu', 'host,-cx16,cx16=on').cpu.features, [
+      { name: 'cx16', on: false },
+      { name: 'cx16', on: true },
+    ]);
+    // Aliases: sse3 is pni, xd is nx.
+    assert.deepEqual(run('-cpu', 'host,-sse3,-xd').cpu.features, [
+      { name: 'pni', on: false },
+      { name: 'nx', on: false },
+    ]);
+  });
+
+  it('-cpu help lists the model and the flags, with an example', () => {
+    const action = parseCommandLine(['-cpu', 'help']);
+    assert.equal(action.action, 'list');
+    const text = (action as { text: string }).text;
+    assert.match(text, /^x86 host /m);
+    assert.match(text, /-cpu host,-cx16,-xsave/);
+    for (const flag of ['cx16', 'xsave', 'x2apic', 'kvmclock', 'avx2', 'invtsc']) {
+      assert.match(text, new RegExp(`\\s${flag}(\\s|$)`), `${flag} listed`);
+    }
   });
 
   it('-smp N and the topology forms', () => {
@@ -361,7 +395,18 @@ describe('command line: errors name the option', () => {
     [['-machine', 'q35,accel=tcg'], /accel=tcg: tsvmm runs guests with KVM only/],
     [['-machine', 'q35,usb=off'], /property 'usb' is not supported/],
     [['-cpu', 'max'], /^-cpu max: tsvmm passes the host CPU through/],
-    [['-cpu', 'host,+x2apic'], /-cpu: property '\+x2apic' is not supported/],
+    [
+      ['-cpu', 'host,+cx61'],
+      /^-cpu host,\+cx61: CPU feature 'cx61' is unknown; did you mean 'cx16'\?/,
+    ],
+    [['-cpu', 'host,xsav=off'], /CPU feature 'xsav' is unknown; did you mean 'xsave'\?/],
+    [['-cpu', 'host,-avx-512f'], /CPU feature 'avx-512f' is unknown; did you mean 'avx512f'\?/],
+    [['-cpu', 'host,-qwertyuiop'], /CPU feature 'qwertyuiop' is unknown \(-cpu help lists them\)$/],
+    [['-cpu', 'host,cx16'], /'cx16': write \+cx16, -cx16 or cx16=on\|off/],
+    [['-cpu', 'host,cx16=maybe'], /cx16=maybe: expected 'on' or 'off'/],
+    [['-cpu', 'host,+cx16=on'], /'\+cx16=on': write \+NAME, -NAME or NAME=on\|off, not both/],
+    [['-cpu', 'host,,-cx16'], /empty item/],
+    [['-cpu', 'max,-cx16'], /^-cpu max,-cx16: tsvmm passes the host CPU through/],
     [['-smp', '0x2'], /-smp: cpus=0x2: expected a whole number/],
     [['-smp', '0'], /-smp 0: invalid CPU topology: cpus=0: .*greater than zero/],
     [['-smp', '2,threads=0'], /threads=0: .*greater than zero/],

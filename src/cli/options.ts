@@ -1,4 +1,10 @@
 import { parseMemorySize } from '../accel/kvm/memory/parse-size.js';
+import {
+  CpuFeatureError,
+  type CpuFeatureSetting,
+  cpuHelpText,
+  lookupFeature,
+} from '../hw/i386/cpu-features.js';
 import { KVMCLOCK_POLICIES, type KvmClockPolicy } from '../hw/i386/kvm/clock.js';
 import type { QmpListenSpec } from '../monitor/qmp-server.js';
 import { TsvmmError } from '../util/errors.js';
@@ -26,7 +32,8 @@ export interface VmConfig {
   accel: 'kvm';
   /** The machine name given (`pc`, `q35`, versioned names): all are our one x86 machine. */
   machine: string;
-  cpu: { model: 'host' };
+  /** `-cpu host[,FLAGS]`: the model, and CPUID flags switched on or off, in the order given. */
+  cpu: { model: 'host'; features: CpuFeatureSetting[] };
   smp: SmpConfig;
   /** Guest RAM in bytes (QEMU's default 128 MiB), rounded up to 8 KiB as QEMU does. */
   memoryBytes: number;
@@ -130,7 +137,7 @@ function defaultConfig(): VmConfig {
   return {
     accel: 'kvm',
     machine: 'pc',
-    cpu: { model: 'host' },
+    cpu: { model: 'host', features: [] },
     smp: { cpus: 1, maxcpus: 1, sockets: 1, dies: 1, cores: 1, threads: 1 },
     memoryBytes: 128 * 2 ** 20,
     startPaused: false,
@@ -204,9 +211,9 @@ const OPTIONS: readonly OptionDef[] = [
   },
   {
     names: ['-cpu'],
-    arg: 'host',
-    help: "the vCPU model: the host's CPU, passed through",
-    apply: (_s, value) => applyCpu(value),
+    arg: 'host[,+FLAG|-FLAG|FLAG=on|off...] | help',
+    help: "the vCPU model: the host's CPU as KVM offers it; flags change CPUID for every vCPU (-cpu help lists them)",
+    apply: (s, value) => applyCpu(s, value),
   },
   valued(
     ['-smp'],
@@ -465,18 +472,49 @@ function applyMachine(s: ParseState, value: string, spelled: string): CliAction 
   return undefined;
 }
 
-function applyCpu(value: string): CliAction | undefined {
-  if (value === 'help' || value === '?') {
-    return {
-      action: 'list',
-      text: 'Available CPUs:\nx86 host    the host CPU, passed through with KVM\n',
-    };
+function applyCpu(s: ParseState, value: string): CliAction | undefined {
+  if (value === 'help' || value === '?') return { action: 'list', text: cpuHelpText() };
+  // QEMU's -cpu list: the model, then flags as +NAME, -NAME or NAME=on|off.
+  // Parsed here rather than with parseQemuOpts: "+x" and "-x" are not
+  // key=value items, and a flag may be named twice (the last one wins).
+  const items = value.split(',');
+  const model = items.shift();
+  if (model !== 'host') {
+    throw new UsageError(
+      `-cpu ${value}: tsvmm passes the host CPU through; use -cpu host (with flags: -cpu host,-cx16)`,
+    );
   }
-  const opts = parseQemuOpts('-cpu', value, 'model');
-  if (opts.implied !== 'host') {
-    throw new UsageError(`-cpu ${value}: tsvmm passes the host CPU through; use -cpu host`);
+  const features: CpuFeatureSetting[] = [];
+  for (const item of items) {
+    let name: string;
+    let on: boolean;
+    const eq = item.indexOf('=');
+    if (item.startsWith('+') || item.startsWith('-')) {
+      if (eq >= 0) {
+        throw new UsageError(
+          `-cpu ${value}: '${item}': write +NAME, -NAME or NAME=on|off, not both forms`,
+        );
+      }
+      name = item.slice(1);
+      on = item.startsWith('+');
+    } else if (eq > 0) {
+      name = item.slice(0, eq);
+      on = parseQemuBool('-cpu', name, item.slice(eq + 1));
+    } else {
+      throw new UsageError(
+        item === ''
+          ? `-cpu ${value}: empty item in the list`
+          : `-cpu ${value}: '${item}': write +${item}, -${item} or ${item}=on|off`,
+      );
+    }
+    try {
+      features.push({ name: lookupFeature(name), on });
+    } catch (err) {
+      if (err instanceof CpuFeatureError) throw new UsageError(`-cpu ${value}: ${err.message}`);
+      throw err;
+    }
   }
-  onlyProps('-cpu', opts, []);
+  s.config.cpu = { model: 'host', features };
   return undefined;
 }
 

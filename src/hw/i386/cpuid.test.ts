@@ -4,6 +4,7 @@ import {
   KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
   type KvmCpuidEntry2,
 } from '../../accel/kvm/structs/cpuid.js';
+import { TsvmmError } from '../../util/errors.js';
 import {
   buildGuestCpuid,
   CPUID_1_ECX_HYPERVISOR,
@@ -230,4 +231,73 @@ test('a vCPU index or count out of range is refused with a stable code', () => {
   }
   const last = buildGuestCpuid(intelHost(), { cpuIndex: 254, cpuCount: 255 });
   assert.equal(cpuid(last, 1).ebx >>> 24, 254);
+});
+
+test('-cpu flags switched off clear their bits in every vCPU and change nothing else', () => {
+  const host = intelHost();
+  const features = [
+    { name: 'cx16', on: false },
+    { name: 'xsave', on: false },
+    { name: 'avx2', on: false },
+    { name: 'xsaves', on: false },
+    { name: 'kvmclock', on: false },
+    { name: 'hypervisor', on: false },
+  ];
+  for (let cpu = 0; cpu < 4; cpu++) {
+    const plain = buildGuestCpuid(host, { cpuIndex: cpu, cpuCount: 4 });
+    const masked = buildGuestCpuid(host, { cpuIndex: cpu, cpuCount: 4, features });
+    assert.ok(cpuid(plain, 1).ecx & (1 << 13), 'the host has cx16');
+    assert.equal(
+      cpuid(masked, 1).ecx,
+      (cpuid(plain, 1).ecx & ~((1 << 13) | (1 << 26) | CPUID_1_ECX_HYPERVISOR)) >>> 0,
+    );
+    assert.equal(cpuid(masked, 7).ebx, (cpuid(plain, 7).ebx & ~(1 << 5)) >>> 0);
+    assert.equal(cpuid(masked, 0xd, 1).eax, (cpuid(plain, 0xd, 1).eax & ~(1 << 3)) >>> 0);
+    assert.equal(
+      cpuid(masked, 0x40000001).eax,
+      (cpuid(plain, 0x40000001).eax & ~(KVM_FEATURE.CLOCKSOURCE | KVM_FEATURE.CLOCKSOURCE2)) >>> 0,
+    );
+    // Every other register of every leaf is as without flags.
+    const untouched = (t: KvmCpuidEntry2[]) =>
+      t.map((e) => ({
+        ...e,
+        ...(e.function === 1 ? { ecx: 0 } : {}),
+        ...(e.function === 7 ? { ebx: 0 } : {}),
+        ...(e.function === 0xd && e.index === 1 ? { eax: 0 } : {}),
+        ...(e.function === 0x40000001 ? { eax: 0 } : {}),
+      }));
+    assert.deepEqual(untouched(masked), untouched(plain));
+  }
+});
+
+test('-cpu flags switched on must be offered by KVM or the VMM; a later setting wins', () => {
+  const host = intelHost();
+  // TSC deadline is offered by the VMM when KVM emulates it, not by KVM's table.
+  const withDeadline = buildGuestCpuid(host, {
+    cpuIndex: 0,
+    cpuCount: 1,
+    tscDeadlineTimer: true,
+    features: [{ name: 'tsc-deadline', on: true }],
+  });
+  assert.ok(cpuid(withDeadline, 1).ecx & CPUID_1_ECX_TSC_DEADLINE);
+  for (const name of ['tsc-deadline', 'svm']) {
+    assert.throws(
+      () => buildGuestCpuid(host, { cpuIndex: 0, cpuCount: 1, features: [{ name, on: true }] }),
+      (e: unknown) =>
+        e instanceof TsvmmError &&
+        e.code === 'CPU_FEATURE_UNSUPPORTED' &&
+        e.message.includes(`'${name}'`),
+    );
+  }
+  const again = buildGuestCpuid(host, {
+    cpuIndex: 0,
+    cpuCount: 1,
+    features: [
+      { name: 'cx16', on: false },
+      { name: 'cx16', on: true },
+      { name: 'x2apic', on: false },
+    ],
+  });
+  assert.ok(cpuid(again, 1).ecx & (1 << 13), 'cx16 back on');
+  assert.equal(cpuid(again, 1).ecx & CPUID_1_ECX_X2APIC, 0, 'x2apic off');
 });

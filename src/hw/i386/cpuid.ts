@@ -20,6 +20,7 @@ import {
   type KvmCpuidEntry2,
 } from '../../accel/kvm/structs/cpuid.js';
 import { TsvmmError } from '../../util/errors.js';
+import { applyCpuFeatures, type CpuFeatureBits, type CpuFeatureSetting } from './cpu-features.js';
 
 /** The KVM paravirtual signature leaf: max hypervisor leaf and "KVMKVMKVM\0\0\0". */
 export const KVM_CPUID_SIGNATURE = 0x40000000;
@@ -111,6 +112,12 @@ export interface GuestCpuidOptions {
    * the VMM sets leaf 1 ECX bit 24 itself, as QEMU does. Default false.
    */
   tscDeadlineTimer?: boolean;
+  /**
+   * `-cpu host,...` flags, applied last, in order. A flag switched on must
+   * be one this table would offer or KVM supports (CpuFeatureError
+   * CPU_FEATURE_UNSUPPORTED otherwise).
+   */
+  features?: readonly CpuFeatureSetting[];
 }
 
 /** The CPUID options cannot describe a VM (bad vCPU index or count). */
@@ -181,7 +188,20 @@ export function buildGuestCpuid(
     // promise none.
     { function: KVM_CPUID_FEATURES, index: 0, flags: 0, eax: kvmEax, ebx: 0, ecx: 0, edx: 0 },
   );
+  if (options.features && options.features.length > 0) {
+    // KVM's table lists what it can do; ours adds what the VMM provides
+    // (hypervisor bit, TSC deadline) and drops what it cannot (some KVM
+    // leaf bits), so the KVM leaf is judged by ours alone.
+    const offered = (bits: CpuFeatureBits) =>
+      hasBits(out, bits) || (bits.leaf !== KVM_CPUID_FEATURES && hasBits(supported, bits));
+    applyCpuFeatures(out, options.features, offered);
+  }
   return out;
+}
+
+function hasBits(entries: readonly KvmCpuidEntry2[], bits: CpuFeatureBits): boolean {
+  const e = entries.find((x) => x.function === bits.leaf && x.index === bits.subleaf);
+  return e !== undefined && (e[bits.reg] & bits.mask) >>> 0 === bits.mask;
 }
 
 /** Sets the per-vCPU fields of one copied entry; returns it. */

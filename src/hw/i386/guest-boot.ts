@@ -3,9 +3,12 @@
  * either one of our probe guests (every vCPU starts in long mode) or a
  * Linux kernel through the 64-bit boot protocol (the BSP starts at the
  * kernel's 64-bit entry with RSI = boot_params; the APs wait, as on real
- * hardware, for the kernel's INIT/SIPI, found through the MP table).
+ * hardware, for the kernel's INIT/SIPI). A Linux guest learns the vCPUs
+ * from the ACPI tables (acpi/), or from the MP table when it runs without
+ * ACPI (acpi=off) and was built with MP-table support.
  */
 import type { LongModeEntry } from '../../accel/kvm/vcpu-ops.js';
+import { ACPI_TABLES_BASE, ACPI_TABLES_END, buildAcpiTables } from './acpi/build.js';
 import { type LoaderMemory, loadLinux } from './boot/linux-loader.js';
 import { writeLongModeTables } from './long-mode.js';
 import { buildMpTable, MPTABLE_BIOS_BASE, MPTABLE_EBDA_BASE, mpTableBase } from './mptable.js';
@@ -53,15 +56,20 @@ export async function bootGuest(target: BootTarget, boot: GuestBoot): Promise<vo
       ...(target.cpuFeatures !== undefined ? { cpuFeatures: target.cpuFeatures } : {}),
     }),
   );
+  const acpi = buildAcpiTables({ cpuCount: target.cpus });
+  target.memory.write(acpi.base, acpi.bytes);
   const linux = loadLinux(target.memory, {
     kernel: boot.kernel,
     ...(boot.initrd ? { initrd: boot.initrd } : {}),
     cmdline: boot.cmdline,
-    // Both places Linux searches for the MP table stay out of its RAM.
+    // Both places Linux searches for the MP table, and the ACPI tables,
+    // stay out of its RAM.
     reserved: [
       { start: MPTABLE_EBDA_BASE, size: 0xa0000 - MPTABLE_EBDA_BASE },
+      { start: ACPI_TABLES_BASE, size: ACPI_TABLES_END - ACPI_TABLES_BASE },
       { start: MPTABLE_BIOS_BASE, size: 0x100000 - MPTABLE_BIOS_BASE },
     ],
+    acpiRsdpAddr: acpi.rsdpAddr,
   });
   await target.startLongMode(0, {
     rip: linux.entry,

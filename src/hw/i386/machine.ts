@@ -15,6 +15,7 @@ import type { KvmVm } from '../../accel/kvm/vm.js';
 import { type CpuController, VmLifecycle } from '../../system/cpus.js';
 import { TsvmmError } from '../../util/errors.js';
 import { COM1_BASE, COM1_IRQ, createSerialState, Serial16550 } from '../char/serial.js';
+import type { CpuFeatureSetting } from './cpu-features.js';
 import { buildGuestCpuid } from './cpuid.js';
 import { bootGuest, type GuestBoot } from './guest-boot.js';
 import { KvmClockDevice, type KvmClockFaults, type KvmClockPolicy } from './kvm/clock.js';
@@ -35,6 +36,8 @@ export interface MachineOptions {
   boot: GuestBoot;
   /** Where the UART's output goes: an fd, or null to drop it (`-serial none`). */
   serialFd: number | null;
+  /** `-cpu host,...` CPUID flags, for every vCPU. */
+  cpuFeatures?: readonly CpuFeatureSetting[];
   /** kvmclock's `x-mach-use-reliable-get-clock`. */
   useReliableGetClock?: boolean;
   faults?: MachineFaults;
@@ -138,6 +141,7 @@ export class X86Machine {
           cpuIndex: cpu,
           cpuCount: options.cpus,
           tscDeadlineTimer: caps.tscDeadlineTimer,
+          ...(options.cpuFeatures ? { features: options.cpuFeatures } : {}),
         });
         leaf1 = cpuid.find((e) => e.function === 1) ?? leaf1;
         await vcpus.runOnCpu(cpu, 'set_cpuid', cpuid);
