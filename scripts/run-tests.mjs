@@ -40,6 +40,8 @@ const HOST_TEST_TIMEOUT_MS = 180_000;
 const VM_TEST_TIMEOUT_MS = 900_000;
 /** How much longer KVM tests may wait for a guest inside the VM (TSVMM_TEST_TIME_SCALE overrides). */
 const VM_TIME_SCALE = 8;
+/** How many VMs share the KVM tests (each emulates on one host core; TSVMM_TEST_VM_SHARDS overrides). */
+const VM_SHARDS = Number(process.env.TSVMM_TEST_VM_SHARDS ?? 2);
 /** Environment variable that marks every process a part's tests start. */
 const RUN_MARKER = 'TSVMM_TEST_RUN';
 
@@ -166,43 +168,80 @@ function describe(summary, where) {
   return `${summary.name}: ${summary.passed} passed, ${summary.failed} failed, ${summary.skipped} skipped in ${summary.seconds.toFixed(0)} s (${where})`;
 }
 
-/** Runs the KVM part inside the VM runner, retried once if the VM died before any test reported. */
-function runPartInVm(files, resultsDir) {
-  const timeout = process.env.TSVMM_TEST_VM_TIMEOUT ?? '3000';
+/** Splits `files` into `n` shards of about equal size (compiled bytes stand in for run time). */
+function shardFiles(files, n) {
+  const shards = Array.from({ length: Math.max(1, Math.min(n, files.length)) }, () => ({ files: [], bytes: 0 }));
+  const sized = files.map((f) => ({ f, bytes: readFileSync(join(ROOT, f)).length }));
+  for (const { f, bytes } of sized.sort((a, b) => b.bytes - a.bytes)) {
+    const lightest = shards.reduce((a, b) => (b.bytes < a.bytes ? b : a));
+    lightest.files.push(f);
+    lightest.bytes += bytes;
+  }
+  return shards.map((s) => s.files.sort());
+}
+
+/** Runs a child, copying its output line by line to ours with `prefix` before each line. */
+function runPrefixed(command, args, prefix) {
+  return new Promise((resolveRun) => {
+    const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    for (const stream of [child.stdout, child.stderr]) {
+      let pending = '';
+      stream.setEncoding('utf8');
+      stream.on('data', (text) => {
+        pending += text;
+        const lines = pending.split('\n');
+        pending = lines.pop();
+        for (const line of lines) process.stdout.write(`${prefix}${line}\n`);
+      });
+      stream.on('end', () => {
+        if (pending) process.stdout.write(`${prefix}${pending}\n`);
+      });
+    }
+    child.on('close', (status) => resolveRun(status));
+  });
+}
+
+/**
+ * Runs one shard of the KVM tests inside the VM runner, retried once if the
+ * VM died before any test reported (a test that failed is never retried).
+ */
+async function runPartInVm(name, files, resultsDir) {
+  const timeout = process.env.TSVMM_TEST_VM_TIMEOUT ?? '4200';
   if (!existsSync(VM_RUNNER)) {
     return { error: `no /dev/kvm here and no VM runner at ${VM_RUNNER}` };
   }
+  const log = join(resultsDir, `${name}.log`);
   const args = [
     '--timeout',
     timeout,
     '--out',
     resultsDir,
     '--keep-log',
-    join(resultsDir, 'kvm-vm.log'),
+    log,
     ...(process.env.TSVMM_TEST_TIME_SCALE ? ['--env', 'TSVMM_TEST_TIME_SCALE'] : []),
     '--',
     process.execPath,
     fileURLToPath(import.meta.url),
     '--part',
-    'kvm-vm',
+    name,
     '--results',
     resultsDir,
     ...files,
   ];
   for (let attempt = 1; attempt <= 2; attempt++) {
     const started = Date.now();
-    const r = spawnSync(VM_RUNNER, args, { cwd: ROOT, stdio: 'inherit' });
-    const jsonPath = join(resultsDir, 'kvm-vm.json');
+    const status = await runPrefixed(VM_RUNNER, args, `[${name}] `);
+    const jsonPath = join(resultsDir, `${name}.json`);
     const summary = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, 'utf8')) : undefined;
     if (summary && summary.tests > 0) return { summary, vmSeconds: (Date.now() - started) / 1000 };
     const why =
-      r.status === 124
-        ? 'the VM run timed out'
-        : r.status === 125
+      status === 124
+        ? `the VM run timed out after ${timeout} s`
+        : status === 125
           ? 'the VM could not run the tests'
-          : `the VM run ended with status ${r.status} and no test result`;
-    if (attempt === 2 || r.status === 124) return { error: why };
-    console.error(`run-tests: ${why}; retrying the VM run once (log: ${join(resultsDir, 'kvm-vm.log')})`);
+          : `the VM run ended with status ${status} and no test result`;
+    if (attempt === 2 || status === 124) return { error: why };
+    console.error(`run-tests: ${name}: ${why}; retrying the VM run once (log: ${log})`);
   }
   return { error: 'unreachable' };
 }
@@ -262,10 +301,11 @@ async function main(filters) {
     console.log(`run-tests: KVM tests run on this host's /dev/kvm (${kvmFiles.length} files)`);
     if (chosen.length) account(runPart('host', chosen, resultsDir, HOST_TEST_TIMEOUT_MS), 'on this host, /dev/kvm');
   } else {
+    const shards = shardFiles(kvmFiles, VM_SHARDS);
     console.log(
-      `run-tests: KVM tests (${kvmFiles.length} files) run in ../shared/tools/kvm-vm (nested SVM under QEMU's emulator); the other ${plainFiles.length} files run here at the same time`,
+      `run-tests: KVM tests (${kvmFiles.length} files) run in ${shards.length} VM(s) of ../shared/tools/kvm-vm (nested SVM under QEMU's emulator), their lines marked [kvm-vm-N]; the other ${plainFiles.length} files run here at the same time and print when done`,
     );
-    // The plain part runs in a child of its own so that both parts run at once.
+    // The plain part runs in a child of its own so that every part runs at once.
     const plain = plainFiles.length
       ? new Promise((resolvePlain) => {
           const child = spawn(
@@ -273,7 +313,7 @@ async function main(filters) {
             [fileURLToPath(import.meta.url), '--host-part', resultsDir, ...plainFiles],
             { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
           );
-          // Its output goes to a file and is printed after the VM's, so the two do not interleave.
+          // Its output goes to a file and is printed after the VMs', so the parts do not interleave.
           const chunks = [];
           child.stdout.on('data', (c) => chunks.push(c));
           child.stderr.on('data', (c) => chunks.push(c));
@@ -283,20 +323,28 @@ async function main(filters) {
           });
         })
       : Promise.resolve();
-    const vm = kvmFiles.length ? runPartInVm(kvmFiles, resultsDir) : undefined;
-    plain.then(() => {
-      if (plainFiles.length) {
-        process.stdout.write(readFileSync(join(resultsDir, 'host.out')));
-        account(JSON.parse(readFileSync(join(resultsDir, 'host.json'), 'utf8')), 'on this host, no KVM needed');
+    const vms = await Promise.all(
+      shards.map((files, i) => (files.length ? runPartInVm(`kvm-vm-${i + 1}`, files, resultsDir) : undefined)),
+    );
+    await plain;
+    if (plainFiles.length) {
+      process.stdout.write(readFileSync(join(resultsDir, 'host.out')));
+      const hostJson = join(resultsDir, 'host.json');
+      if (existsSync(hostJson)) account(JSON.parse(readFileSync(hostJson, 'utf8')), 'on this host, no KVM needed');
+      else {
+        lines.push('host: FAILED: the part ended without a result');
+        failed += 1;
       }
+    }
+    vms.forEach((vm, i) => {
       if (vm?.error) {
-        lines.push(`kvm-vm: FAILED: ${vm.error}; ${kvmFiles.length} KVM test files did not run`);
+        lines.push(`kvm-vm-${i + 1}: FAILED: ${vm.error}; its ${shards[i].length} KVM test files did not all run`);
         failed += 1;
       } else if (vm) {
-        account(vm.summary, `in the KVM VM, nested SVM; ${vm.vmSeconds.toFixed(0)} s with its boot`);
+        account(vm.summary, `in a KVM VM, nested SVM; ${vm.vmSeconds.toFixed(0)} s with its boot`);
       }
-      finish();
     });
+    finish();
     return;
   }
   finish();
