@@ -183,11 +183,13 @@ export class X86Machine {
       const restoredTsc: (bigint | undefined)[] = [];
       // Each vCPU's TSC read when kvmclock saved the clock at a stop (QEMU's
       // kvm_synchronize_all_tsc), so a migration saves TSCs and clock of
-      // the same moment. Forgotten when the VM runs again.
+      // the same moment. Forgotten when the VM runs again, but only after
+      // kvmclock's start handler (priority 0), which may compute the guest's
+      // clock at these TSCs: priority 1 runs later on start.
       const tscAtStop: (bigint | undefined)[] = [];
       lifecycle.notifiers.add({
         name: 'tsc-snapshot',
-        priority: 0,
+        priority: 1,
         callback: (running) => {
           if (running) tscAtStop.length = 0;
         },
@@ -216,7 +218,8 @@ export class X86Machine {
           hostRealtimeNs: () => clockGettimeNs(CLOCK_REALTIME),
           hasKvmclockCtrl: caps.kvmclockCtrl,
           clockIsReliableFromHost: caps.clockTscStable,
-          readGuestPvclockNs: () => readGuestKvmclock(vcpus, memory),
+          readGuestPvclockNs: (restored) =>
+            readGuestKvmclock(vcpus, memory, restored ? restoredTsc[0] : tscAtStop[0]),
           synchronizeTscs: async () => {
             for (let cpu = 0; cpu < options.cpus; cpu++) {
               tscAtStop[cpu] = await readTsc(vcpus, cpu);
@@ -295,16 +298,21 @@ async function readTsc(vcpus: VcpuThreads, cpu: number): Promise<bigint | undefi
 }
 
 /**
- * The guest's kvmclock as vCPU 0 sees it now: its pvclock page read at its
- * current TSC, both taken on vCPU 0's thread. 0 if kvmclock is off.
+ * The guest's kvmclock as vCPU 0 saw it at `tscAtStop` (its TSC when the VM
+ * last ran; vCPU 0's TSC now if none was kept): its pvclock page read at
+ * that TSC. 0 if kvmclock is off.
  */
-async function readGuestKvmclock(vcpus: VcpuThreads, memory: GuestMemory): Promise<bigint> {
+async function readGuestKvmclock(
+  vcpus: VcpuThreads,
+  memory: GuestMemory,
+  tscAtStop: bigint | undefined,
+): Promise<bigint> {
   const msrs = (await vcpus.runOnCpu(0, 'get_msrs', [MSR_KVM_SYSTEM_TIME_NEW, MSR_IA32_TSC])) as {
     index: number;
     data: bigint;
   }[];
   const systemTime = msrs.find((m) => m.index === MSR_KVM_SYSTEM_TIME_NEW)?.data ?? 0n;
-  const tsc = msrs.find((m) => m.index === MSR_IA32_TSC)?.data;
+  const tsc = tscAtStop ?? msrs.find((m) => m.index === MSR_IA32_TSC)?.data;
   if ((systemTime & 1n) === 0n || tsc === undefined) return 0n;
   const gpa = systemTime & ~1n;
   const info = readPvclock(() => memory.read(gpa, 32));

@@ -228,13 +228,24 @@ export class KvmClockSanitizer implements KvmClockObserver {
       if (!waiting || Date.now() > deadline) break;
       await new Promise((r) => setImmediate(r));
     }
+    // A page KVM rewrote only after the wait gave up (a vCPU that waited
+    // long for a host CPU) still shows the clock the guest runs on: it is
+    // checked against the start too. Its first flags were not seen, so
+    // GUEST_STOPPED is judged only on pages caught by the wait.
     const readings = await this.readRound(
       pending.transition,
       () => undefined,
-      (cpu) => ({
-        updated: fresh[cpu] !== undefined,
-        guestStoppedSeen: ((fresh[cpu]?.flags ?? 0) & PVCLOCK_GUEST_STOPPED) !== 0,
-      }),
+      (cpu, info) => {
+        const before = pending.before[cpu];
+        const caught = fresh[cpu];
+        if (caught !== undefined) {
+          return {
+            updated: true,
+            guestStoppedSeen: (caught.flags & PVCLOCK_GUEST_STOPPED) !== 0,
+          };
+        }
+        return { updated: before !== undefined && info.version !== before.version };
+      },
     );
     const record = pending.record;
     if (record === undefined) return;
@@ -243,7 +254,7 @@ export class KvmClockSanitizer implements KvmClockObserver {
       if (r === undefined || !r.updated) continue;
       if (pending.before[r.cpu] === undefined) continue;
       // The first start follows no pause: nothing to forgive.
-      if (pending.transition !== 'start') {
+      if (pending.transition !== 'start' && r.guestStoppedSeen !== undefined) {
         if (this.access.hostHasCtrl && !r.guestStoppedSeen) {
           this.violate({
             kind: 'guest-stopped-missing',
@@ -281,7 +292,7 @@ export class KvmClockSanitizer implements KvmClockObserver {
   private async readRound(
     transition: KvmClockTransition,
     tscOf: (cpu: number) => bigint | undefined,
-    extra: (cpu: number) => Partial<KvmClockReading> = () => ({}),
+    extra: (cpu: number, info: PvclockTimeInfo) => Partial<KvmClockReading> = () => ({}),
   ): Promise<(KvmClockReading | undefined)[]> {
     const round: (KvmClockReading | undefined)[] = [];
     let previous: KvmClockReading | undefined;
@@ -310,7 +321,7 @@ export class KvmClockSanitizer implements KvmClockObserver {
         systemTime: info.systemTime,
         tscTimestamp: info.tscTimestamp,
         hostRealtime,
-        ...extra(cpu),
+        ...extra(cpu, info),
       };
       traceReading.emit({
         transition,

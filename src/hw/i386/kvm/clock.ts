@@ -45,11 +45,14 @@ export interface KvmClockBackend {
   /** KVM_CHECK_EXTENSION(KVM_CAP_ADJUST_CLOCK) includes KVM_CLOCK_TSC_STABLE: GET_CLOCK agrees with the guest's pvclock. */
   readonly clockIsReliableFromHost: boolean;
   /**
-   * The guest's kvmclock as vCPU 0 would compute it from its pvclock page
-   * at its current TSC (after synchronising vCPU 0's MSRs), or 0 if the
-   * guest has not enabled kvmclock. Used when the saved clock is not reliable.
+   * The guest's kvmclock as vCPU 0 computes it from its pvclock page at the
+   * TSC of the last moment it ran: the TSC read at the stop, or after a
+   * load (`restored`) the TSC from the stream; 0 if the guest has not
+   * enabled kvmclock. Used when the saved clock is not reliable. (The TSC
+   * now would not do: it kept counting through the pause, so a frozen
+   * clock would take the pause in; QEMU reads the TSC saved at the stop.)
    */
-  readGuestPvclockNs?(): bigint | Promise<bigint>;
+  readGuestPvclockNs?(restored: boolean): bigint | Promise<bigint>;
   /** Reads every vCPU's TSC into its saved state (QEMU's kvm_synchronize_all_tsc). */
   synchronizeTscs?(): Promise<void>;
 }
@@ -230,7 +233,7 @@ export class KvmClockDevice {
       this.loaded = false;
       for (const o of this.observers) await o.beforeStart?.(state, restored);
       if (!this.reliable) {
-        const fromMemory = (await this.kvm.readGuestPvclockNs?.()) ?? 0n;
+        const fromMemory = (await this.kvm.readGuestPvclockNs?.(restored)) ?? 0n;
         tracePvclockRead.emit({ ns: fromMemory });
         // The saved value cannot be trusted; the guest's own view can, if it has one.
         if (fromMemory !== 0n) this.clockNs = fromMemory;
