@@ -8,9 +8,14 @@
  * - `backwards`: a vCPU's time never goes back from one reading to the next;
  * - `cross-vcpu`: a vCPU read after another is not behind it by more than
  *   the tolerance (readings of one transition are taken in vCPU order);
- * - `guest-stopped-missing`: where the host has KVMCLOCK_CTRL, the page KVM
- *   writes after a start carries GUEST_STOPPED (so the guest's watchdogs
- *   forgive the pause);
+ * - `guest-stopped-missing`: where the host has KVMCLOCK_CTRL, every vCPU
+ *   with kvmclock on was sent it after a pause and KVM took it (returned 0),
+ *   so its next page carries GUEST_STOPPED and the guest's watchdogs
+ *   forgive the pause. Judged from the ioctl, not the page: a guest clears
+ *   the flag as soon as it sees it, without changing the page's version, so
+ *   a page read after the guest ran cannot tell "never set" from "seen";
+ *   whether the first page was caught with the flag is only recorded
+ *   (`guestStoppedSeen`);
  * - `clock-mismatch`: after a start, the guest's time is the clock
  *   kvmclock set, plus the time since (never less, never much more);
  * - `policy`: under freeze the clock is set to the value saved at the stop;
@@ -254,13 +259,16 @@ export class KvmClockSanitizer implements KvmClockObserver {
       if (r === undefined || !r.updated) continue;
       if (pending.before[r.cpu] === undefined) continue;
       // The first start follows no pause: nothing to forgive.
-      if (pending.transition !== 'start' && r.guestStoppedSeen !== undefined) {
-        if (this.access.hostHasCtrl && !r.guestStoppedSeen) {
+      if (pending.transition !== 'start' && this.access.hostHasCtrl) {
+        const ret = record.ctrlResults[r.cpu];
+        if (!record.ctrlSent || (ret !== undefined && ret !== 0)) {
           this.violate({
             kind: 'guest-stopped-missing',
             transition: pending.transition,
             cpu: r.cpu,
-            detail: `the host has KVMCLOCK_CTRL but vCPU ${r.cpu}'s first page after the start lacks GUEST_STOPPED (flags 0x${(fresh[r.cpu]?.flags ?? 0).toString(16)})`,
+            detail: record.ctrlSent
+              ? `KVM_KVMCLOCK_CTRL on vCPU ${r.cpu} returned ${ret}: its guest is not told of the pause`
+              : `the host has KVMCLOCK_CTRL but vCPU ${r.cpu} was not sent it after the pause`,
           });
         }
       }

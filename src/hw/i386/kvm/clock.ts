@@ -101,6 +101,8 @@ export interface KvmClockStartRecord {
   readonly restored: boolean;
   /** vCPUs that were sent KVM_KVMCLOCK_CTRL. */
   readonly ctrlSent: boolean;
+  /** What KVM_KVMCLOCK_CTRL returned on each vCPU, by index (0 or -errno; empty when not sent). */
+  readonly ctrlResults: readonly (number | undefined)[];
 }
 
 /** Callbacks into the kvmclock device's transitions (the sanitizer and the timeline use them). */
@@ -240,13 +242,15 @@ export class KvmClockDevice {
       }
       this.valid = false;
       const record = this.restoreClock(state, restored);
+      const ctrlResults: (number | undefined)[] = [];
       if (this.hasCtrl) {
         for (let cpu = 0; cpu < this.cpus.count; cpu++) {
-          await this.cpus.runOnCpu(cpu, KVMCLOCK_CTRL_OP);
+          const ret = await this.cpus.runOnCpu(cpu, KVMCLOCK_CTRL_OP);
+          ctrlResults.push(typeof ret === 'number' ? ret : undefined);
         }
       }
       if (this.observers.length > 0) {
-        const full = { ...record, ctrlSent: this.hasCtrl };
+        const full = { ...record, ctrlSent: this.hasCtrl, ctrlResults };
         this.lastStartRecord = full;
         for (const o of this.observers) await o.started?.(full);
       }
@@ -268,7 +272,10 @@ export class KvmClockDevice {
    * KVM_CLOCK_REALTIME (it reads its realtime inside the ioctl), otherwise
    * computed here from CLOCK_REALTIME just before the ioctl.
    */
-  private restoreClock(state: RunState, restored: boolean): Omit<KvmClockStartRecord, 'ctrlSent'> {
+  private restoreClock(
+    state: RunState,
+    restored: boolean,
+  ): Omit<KvmClockStartRecord, 'ctrlSent' | 'ctrlResults'> {
     const back = this.faults.setClockBackwardsNs ?? 0n;
     const skip = restored && this.faults.skipSetClockOnRestore === true;
     const base = this.clockNs > back ? this.clockNs - back : 0n;
