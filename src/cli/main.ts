@@ -71,12 +71,6 @@ function guestBoot(config: VmConfig): GuestBoot {
   };
 }
 
-/**
- * How long the clean shutdown may take before the exit is forced, so that
- * tsvmm is gone within 2 s of a signal or `quit` whatever it was doing.
- */
-const SHUTDOWN_DEADLINE_MS = 1500;
-
 /** Stdout or stderr went away (a closed pipe): nothing more can be said there, and that is no reason to stop. */
 function ignoreStdioErrors(): void {
   for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {});
@@ -122,7 +116,7 @@ async function run(config: VmConfig): Promise<number> {
       exitImmediately(1);
     }
   };
-  const guard = new ExitGuard({ deadlineMs: SHUTDOWN_DEADLINE_MS, force: forceExit });
+  const guard = new ExitGuard({ deadlineMs: config.faults.shutdownDeadlineMs, force: forceExit });
 
   // Signals are taken for the whole run. A signal that comes while the
   // machine is still being built is held and carried out as soon as the

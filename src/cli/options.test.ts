@@ -44,6 +44,7 @@ describe('command line: defaults', () => {
       noKvmclockCtrl: false,
       unreliableGetClock: false,
       vcpuIgnoresKicks: false,
+      shutdownDeadlineMs: 1500,
       skipSetClockOnRestore: false,
       setClockBackwardsNs: 0n,
     });
@@ -273,6 +274,7 @@ describe('command line: each option', () => {
       noKvmclockCtrl: true,
       unreliableGetClock: true,
       vcpuIgnoresKicks: true,
+      shutdownDeadlineMs: 1500,
       skipSetClockOnRestore: false,
       setClockBackwardsNs: 0n,
     });
@@ -306,6 +308,7 @@ describe('command line: each option', () => {
       timeline: '/tmp/t.html',
     });
     assert.equal(c.faults.skipSetClockOnRestore, true);
+    assert.equal(run('-x-shutdown-deadline', '12000').faults.shutdownDeadlineMs, 12000);
     assert.equal(c.faults.setClockBackwardsNs, 1_000_000_000n);
     assert.equal(run('-global', 'kvmclock.policy=freeze').kvmclock.policy, 'freeze');
     assert.equal(run('-kvmclock', 'timeline=x.svg').kvmclock.timeline, 'x.svg');
@@ -448,6 +451,7 @@ describe('command line: errors name the option', () => {
     [['-kvmclock', 'timeline'], /give timeline=FILE/],
     [['-kvmclock', 'graph=x.svg'], /property 'graph' is not supported/],
     [['-x-clock-set-backwards', '-5'], /expected a positive number of nanoseconds/],
+    [['-x-shutdown-deadline', '0'], /expected a positive number of milliseconds/],
     [['-global', 'kvmclock.x-mach-use-reliable-get-clock=sometimes'], /expected 'on' or 'off'/],
     [['-global', 'nonsense'], /expected DRIVER\.PROPERTY=VALUE/],
   ];

@@ -16,6 +16,12 @@ import { UsageError } from './usage-error.js';
 export type SerialConfig = { kind: 'stdio' } | { kind: 'file'; path: string } | { kind: 'none' };
 
 /** The vCPU topology, completed the way QEMU completes `-smp`. */
+/**
+ * How long the clean shutdown may take before the exit is forced, so that
+ * tsvmm is gone within 2 s of a signal or `quit` whatever it was doing.
+ */
+export const DEFAULT_SHUTDOWN_DEADLINE_MS = 1500;
+
 export interface SmpConfig {
   /** vCPUs present at start. */
   cpus: number;
@@ -85,6 +91,8 @@ export interface VmConfig {
     unreliableGetClock: boolean;
     /** `-x-vcpu-ignores-kicks`: vCPU threads cannot be kicked out of KVM_RUN. */
     vcpuIgnoresKicks: boolean;
+    /** `-x-shutdown-deadline MS`: how long the clean shutdown may take before the exit is forced. */
+    shutdownDeadlineMs: number;
     /** `-x-skip-set-clock-on-restore`: the first start after a load skips KVM_SET_CLOCK. */
     skipSetClockOnRestore: boolean;
     /** `-x-clock-set-backwards NS`: every start sets the clock NS ns too early. */
@@ -152,6 +160,7 @@ function defaultConfig(): VmConfig {
       noKvmclockCtrl: false,
       unreliableGetClock: false,
       vcpuIgnoresKicks: false,
+      shutdownDeadlineMs: DEFAULT_SHUTDOWN_DEADLINE_MS,
       skipSetClockOnRestore: false,
       setClockBackwardsNs: 0n,
     },
@@ -344,6 +353,19 @@ const OPTIONS: readonly OptionDef[] = [
     'fault injection: vCPUs cannot be kicked out of KVM_RUN (only the forced exit ends tsvmm)',
     (s) => {
       s.config.faults.vcpuIgnoresKicks = true;
+    },
+  ),
+  valued(
+    ['-x-shutdown-deadline'],
+    'MS',
+    `testing: the clean shutdown may take MS ms before the exit is forced (default ${DEFAULT_SHUTDOWN_DEADLINE_MS}; the test suite stretches it under emulation)`,
+    (s, v) => {
+      if (!/^\d+$/.test(v) || Number(v) === 0) {
+        throw new UsageError(
+          `-x-shutdown-deadline ${v}: expected a positive number of milliseconds`,
+        );
+      }
+      s.config.faults.shutdownDeadlineMs = Number(v);
     },
   ),
   flag(

@@ -16,9 +16,10 @@ import { join } from 'node:path';
 import type { TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
+import { DEFAULT_SHUTDOWN_DEADLINE_MS } from '../cli/options.js';
 import { isJsonObject } from '../monitor/json-value.js';
 import { QmpClient } from '../monitor/qmp-client.js';
-import { scaled } from './time-scale.js';
+import { scaled, TIME_SCALE } from './time-scale.js';
 
 /** The compiled entry point of tsvmm. */
 export const TSVMM_MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
@@ -71,6 +72,18 @@ export function killByPid(child: ChildProcess, signal: NodeJS.Signals): void {
   }
 }
 
+/**
+ * Under emulation (TIME_SCALE > 1) a clean shutdown takes seconds, past
+ * tsvmm's 1.5 s forced-exit deadline: the deadline stretches with the
+ * scale, unless the test sets its own. On a KVM host nothing is added.
+ */
+function shutdownDeadlineArgs(args: readonly string[]): string[] {
+  if (TIME_SCALE <= 1 || args.includes('-x-shutdown-deadline')) return [];
+  if (args.some((a) => a === '--help' || a === '-help' || a === '-h' || a === '-version'))
+    return [];
+  return ['-x-shutdown-deadline', String(scaled(DEFAULT_SHUTDOWN_DEADLINE_MS))];
+}
+
 /** What a TsvmmProcess is started with. */
 export interface TsvmmSpawnOptions {
   /** A command that runs tsvmm, such as `ip netns exec NS` (it must exec it, keeping the pid). */
@@ -93,6 +106,7 @@ export class TsvmmProcess {
       ...(options.prefix ?? []),
       process.execPath,
       TSVMM_MAIN,
+      ...shutdownDeadlineArgs(args),
       ...args,
     ];
     this.child = spawn(argv[0]!, argv.slice(1), {
