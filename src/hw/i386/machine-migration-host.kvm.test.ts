@@ -64,7 +64,10 @@ function lastTickNs(output: string, cpu: number): bigint {
   return ticks.at(-1)?.fields.ns ?? -1n;
 }
 
-for (const cpus of [1, 2, 4]) {
+// 1 and 2 vCPUs: with 4, under emulation, the busy-looping probe vCPUs
+// starve each other for seconds and the tick-based bound below says
+// nothing; the seed's scenario (cli/main.kvm.test.ts) saves and restores 4.
+for (const cpus of [1, 2]) {
   test(`probe guest with ${cpus} vCPU(s) saved to file: and restored in a new machine goes on where it left off`, async (t) => {
     if (!requireKvm(t)) return;
     const dir = mkdtempSync(join(tmpdir(), 'tsvmm-kvm-migrate-'));

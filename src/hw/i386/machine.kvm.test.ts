@@ -20,7 +20,10 @@ function ticksOf(output: string, cpu: number): number {
   return parseProbeOutput(output).filter((l) => l.cpu === cpu && l.event === 'tick').length;
 }
 
-for (const cpus of [1, 2, 4, 8]) {
+// The probe guest never idles: each vCPU polls its clock in a loop. With
+// 8 of them on the VM runner's emulated CPUs they starve each other; the
+// probe OS (which halts between ticks) is run with 8 (probe-os.kvm.test.ts).
+for (const cpus of [1, 2, 4]) {
   test(`probe guest with ${cpus} vCPU(s): every vCPU reports ready and ticks, nothing goes backwards`, async (t) => {
     if (!requireKvm(t)) return;
     await withMachine(
