@@ -8,12 +8,13 @@ import { spawn } from 'node:child_process';
 import { test } from 'node:test';
 import { requireKvm } from '../test-support/kvm.js';
 import { waitFor } from '../test-support/machine.js';
+import { scaled } from '../test-support/time-scale.js';
 import { deathSignalPrefix, killByPid, TSVMM_MAIN } from '../test-support/tsvmm-process.js';
 
 const PTY_SPAWN = 'import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)';
 
 test('the human monitor on a terminal: info status, cont, stop, quit', {
-  timeout: 120_000,
+  timeout: scaled(60_000),
 }, async (t) => {
   if (!requireKvm(t)) return;
   // tsvmm is python's child, not ours: the kernel kills it when python
