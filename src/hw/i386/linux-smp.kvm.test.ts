@@ -80,8 +80,8 @@ for (const cpus of [1, 2, 4]) {
         // No `quiet`: a failure then shows where the boot stopped. In the
         // VM runner (default CPUID, TSC-deadline on) boots sometimes stop
         // for good with every vCPU idle and the guest clock frozen: -smp 1
-        // reached the ready line at 20-26 s guest time in 3 of 5 runs and
-        // stopped right after the switch to kvm-clock in the other 2 (once
+        // reached the ready line at 20-26 s guest time in 2 of 5 runs and
+        // stopped around the switch to kvm-clock in the other 3 (twice
         // quiet, once not); -smp 2 reached it once at 83 s; -smp 4 stopped
         // at 55 s. `-cpu host,-tsc-deadline` and `nohz=off highres=off`
         // stopped too. The cause is not found yet (see the branch report).
