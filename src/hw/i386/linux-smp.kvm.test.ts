@@ -5,39 +5,54 @@
  * off), so it counts the vCPUs from our ACPI MADT and brings each AP up
  * with INIT/SIPI through KVM's in-kernel local APIC.
  *
- * Each test spawns `node dist/cli/main.js` with the serial port on its
- * stdio, kills the child by its pid on every path, and prints the time from
- * spawn to the ready line (boots in the nested-virtualization VM runner
- * take tens of seconds).
+ * The guest image comes from the cache only (`node scripts/build-guest.mjs`
+ * fills it; CI runs that before the tests): the VM runner has no network,
+ * and a test must not depend on what apt offers today. A missing image
+ * fails the test and says how to build it.
+ *
+ * Each test starts tsvmm with the serial port on its stdio (stdin a pipe),
+ * kills it by its pid on every path, and prints the time from spawn to the
+ * ready line. Measured in the VM runner (KVM nested in QEMU's TCG, 2 cores
+ * shared with other VMs), with the default CPUID (LAPIC TSC-deadline mode
+ * on): tens of seconds to a few minutes per boot, see the lines this test
+ * prints.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { requireKvm } from '../../test-support/kvm.js';
 import { waitFor } from '../../test-support/machine.js';
-import { buildGuestImage } from '../../tools/guest-image/build.js';
+import { scaled } from '../../test-support/time-scale.js';
+import { ProcessScope } from '../../test-support/tsvmm-process.js';
+import { buildGuestImage, type GuestBuildResult } from '../../tools/guest-image/build.js';
 import { GUEST_READY_MARKER } from '../../tools/guest-image/initramfs.js';
 import { defaultGuestCacheDir } from '../../tools/guest-image/main.js';
 
-const MAIN = fileURLToPath(new URL('../../cli/main.js', import.meta.url));
 /**
- * Boot to the ready line: minutes in the VM runner when it shares the
- * machine's cores (the emulated UART and nested timers are slow); generous
- * but bounded.
+ * Spawn to the ready line. On a host with KVM this boot takes a few
+ * seconds; waitFor stretches it by the time scale (8 in the VM runner).
  */
-const BOOT_MS = 600_000;
-const COMMAND_MS = 120_000;
+const BOOT_MS = 60_000;
+/** The typed command's output, after the ready line. */
+const COMMAND_MS = 15_000;
+/** Checking the cached image (sha256 of 70 MB, an initramfs written). */
+const IMAGE_MS = 30_000;
 
 /** Hardware virtualization (not PVM): the only hosts where Linux gets past early boot. */
 function hostRunsLinuxFully(): boolean {
   return existsSync('/sys/module/kvm_intel') || existsSync('/sys/module/kvm_amd');
 }
 
+/** The cached guest image, checked once for all tests of this file. */
+let image: Promise<GuestBuildResult> | undefined;
+function guestImage(): Promise<GuestBuildResult> {
+  image ??= buildGuestImage({ outDir: defaultGuestCacheDir(), cachedOnly: true });
+  return image;
+}
+
 for (const cpus of [1, 2, 4]) {
   test(`Linux boots with -smp ${cpus} to the ready line with nproc=${cpus} and runs a typed command`, {
-    timeout: BOOT_MS + COMMAND_MS + 60_000,
+    timeout: scaled(IMAGE_MS + BOOT_MS + COMMAND_MS + 10_000),
   }, async (t) => {
     if (!requireKvm(t)) return;
     if (!hostRunsLinuxFully()) {
@@ -46,72 +61,57 @@ for (const cpus of [1, 2, 4]) {
       t.skip(reason);
       return;
     }
-    const image = await buildGuestImage({ outDir: defaultGuestCacheDir() });
-    // The ELF vmlinux skips the decompressor; `quiet` keeps the slow
-    // emulated UART from dominating the boot.
-    const kernel = image.vmlinux ?? image.vmlinuz;
+    const built = await guestImage();
+    // The ELF vmlinux skips the decompressor.
+    const kernel = built.vmlinux ?? built.vmlinuz;
+    const scope = new ProcessScope(t);
     const started = performance.now();
-    const child: ChildProcess = spawn(
-      process.execPath,
+    const vm = scope.start(
       [
-        MAIN,
         '-smp',
         String(cpus),
         '-m',
         '512M',
         '-nographic',
-        // The LAPIC's TSC-deadline mode is hidden: in the VM runner (KVM
-        // nested in QEMU's TCG) a vCPU halted with a TSC deadline armed
-        // is not woken when it passes, so Linux stalls in its first sleep
-        // (measured: -smp 1 not at the ready line in 600 s with it, 120 s
-        // without). One-shot mode works there; it also runs -cpu flags
-        // end to end.
-        '-cpu',
-        'host,-tsc-deadline',
         '-kernel',
         kernel,
         '-initrd',
-        image.initramfs,
+        built.initramfs,
+        // No `quiet`: a failure then shows where the boot stopped. In the
+        // VM runner (default CPUID, TSC-deadline on) boots sometimes stop
+        // for good with every vCPU idle and the guest clock frozen: -smp 1
+        // reached the ready line at 20-26 s guest time in 2 of 5 runs and
+        // stopped around the switch to kvm-clock in the other 3 (twice
+        // quiet, once not); -smp 2 reached it once at 83 s; -smp 4 stopped
+        // at 55 s. `-cpu host,-tsc-deadline` and `nohz=off highres=off`
+        // stopped too. The cause is not found yet (see the branch report).
         '-append',
-        'console=ttyS0 quiet',
+        'console=ttyS0',
       ],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
+      { stdin: 'pipe' },
     );
-    let out = '';
-    child.stdout!.setEncoding('utf8').on('data', (s: string) => {
-      out += s;
+    const tail = () => `${vm.stdout}${vm.stderr ? `\nstderr:\n${vm.stderr}` : ''}`.slice(-3000);
+    const ready = new RegExp(`^${GUEST_READY_MARKER} nproc=(\\d+)$`);
+    const readyLine = () => vm.lines().find((l) => ready.test(l));
+    await waitFor('the ready line', () => readyLine() !== undefined || vm.exited, BOOT_MS).catch(
+      (err: Error) => {
+        throw new Error(`${err.message}; the console so far ends with:\n${tail()}`);
+      },
+    );
+    const line = readyLine();
+    assert.ok(line, `tsvmm exited before the ready line:\n${tail()}`);
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    process.stderr.write(`tsvmm: -smp ${cpus}: ready line ${seconds} s after spawn\n`);
+    assert.equal(Number(ready.exec(line)![1]), cpus, `nproc in the guest:\n${tail()}`);
+    // The shell starts after the ready line; a line typed before its
+    // prompt waits in the UART and the tty, so typing now is safe.
+    vm.type('echo typed-$((6*7))');
+    await waitFor(
+      'the typed command to run',
+      () => vm.lines().some((l) => l.includes('typed-42')),
+      COMMAND_MS,
+    ).catch((err: Error) => {
+      throw new Error(`${err.message}; the console ends with:\n${tail()}`);
     });
-    child.stderr!.setEncoding('utf8').on('data', (s: string) => {
-      out += s;
-    });
-    const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
-    try {
-      const ready = new RegExp(`${GUEST_READY_MARKER} nproc=(\\d+)`);
-      await waitFor(
-        'the ready line',
-        () => ready.test(out) || child.exitCode !== null,
-        BOOT_MS,
-      ).catch((err: Error) => {
-        throw new Error(`${err.message}; the console so far ends with:\n${out.slice(-3000)}`);
-      });
-      const m = ready.exec(out);
-      assert.ok(m, `tsvmm exited before the ready line:\n${out.slice(-3000)}`);
-      const seconds = ((performance.now() - started) / 1000).toFixed(1);
-      process.stderr.write(`tsvmm: -smp ${cpus}: ready line after ${seconds} s\n`);
-      assert.equal(Number(m[1]), cpus, `nproc in the guest:\n${out.slice(-3000)}`);
-      // The shell starts after the ready line; a line typed before its
-      // prompt waits in the UART and the tty, so typing now is safe.
-      child.stdin!.write('echo typed-$((6*7))\n');
-      await waitFor('the typed command to run', () => out.includes('typed-42'), COMMAND_MS).catch(
-        (err: Error) => {
-          throw new Error(`${err.message}; the console ends with:\n${out.slice(-3000)}`);
-        },
-      );
-    } finally {
-      if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) {
-        process.kill(child.pid, 'SIGKILL');
-      }
-      await exited;
-    }
   });
 }

@@ -227,6 +227,31 @@ test('without apt and without a valid cache the build fails saying what is missi
   );
 });
 
+test('cachedOnly uses a complete cache without asking apt, and without one says how to build it', async (t) => {
+  const dir = tempDir(t);
+  const cached = fakeCache(dir);
+  const lines: string[] = [];
+  // The fake cache's versions are not what apt offers: only a build that
+  // never asks apt keeps them (and never downloads).
+  const result = await buildGuestImage({
+    outDir: dir,
+    cachedOnly: true,
+    log: (l) => lines.push(l),
+  });
+  assert.equal(result.downloaded, false);
+  assert.deepEqual(result.manifest.kernel, cached.kernel);
+  assert.doesNotMatch(lines.join('\n'), /cannot ask apt/);
+  writeFileSync(join(dir, 'busybox'), 'changed since the manifest');
+  await assert.rejects(
+    buildGuestImage({ outDir: dir, cachedOnly: true }),
+    (e: unknown) =>
+      e instanceof GuestImageError &&
+      e.code === 'GUEST_IMAGE_NOT_BUILT' &&
+      e.message.includes(dir) &&
+      /node scripts\/build-guest\.mjs/.test(e.message),
+  );
+});
+
 /** The candidate versions apt offers here, or a skip reason when apt cannot say. */
 async function aptVersions(t: TestContext): Promise<CachedVersions | undefined> {
   const offered = await aptOffers();

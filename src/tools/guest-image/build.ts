@@ -73,6 +73,12 @@ export interface GuestBuildOptions {
   kernelPackage?: string;
   /** Progress lines, for people. */
   log?: (line: string) => void;
+  /**
+   * Use only what the cache holds: no apt query, no download. For places
+   * without network or apt lists (tests inside the VM runner); a missing or
+   * damaged cache throws GUEST_IMAGE_NOT_BUILT, saying how to build it.
+   */
+  cachedOnly?: boolean;
 }
 
 /** What buildGuestImage made. */
@@ -112,19 +118,15 @@ export async function buildGuestImage(options: GuestBuildOptions): Promise<Guest
   const manifestPath = join(outDir, 'manifest.json');
 
   const cached = await readValidCache(manifestPath, vmlinuzPath, busyboxPath);
-  let wanted: { kernel: DebPackage; busybox: DebPackage } | undefined;
-  try {
-    // Each apt-cache call takes about a second: ask both at once.
-    const [kernel, busybox] = await Promise.all([
-      resolveKernelPackage(options.kernelPackage ?? DEFAULT_KERNEL_PACKAGE),
-      packageInfo(BUSYBOX_PACKAGE),
-    ]);
-    wanted = { kernel, busybox };
-  } catch (e) {
-    // Without apt (or its lists) a complete cache is still usable.
-    if (!cached || !(e instanceof GuestImageError)) throw e;
-    log(`cannot ask apt for newer packages (${e.message}); using the cached ones`);
+  if (options.cachedOnly && !cached) {
+    throw new GuestImageError(
+      'GUEST_IMAGE_NOT_BUILT',
+      `no complete guest image in ${outDir}: build it first with \`node scripts/build-guest.mjs\` (needs apt and the network; --out or $TSVMM_GUEST_CACHE for another folder)`,
+    );
   }
+  const wanted = options.cachedOnly
+    ? undefined
+    : await candidatePackages(options.kernelPackage ?? DEFAULT_KERNEL_PACKAGE, cached, log);
 
   let kernelPart: GuestManifest['kernel'];
   let busyboxPart: GuestManifest['busybox'];
@@ -208,6 +210,30 @@ async function refreshVmlinux(
   );
   await writeAtomic(path, vmlinux);
   return { sha256: sha256(vmlinux), bytes: vmlinux.byteLength };
+}
+
+/**
+ * The package versions apt offers now, or undefined when apt cannot tell
+ * and the cache is complete (without apt or its lists the cache is still
+ * usable).
+ */
+async function candidatePackages(
+  kernelPackage: string,
+  cached: unknown,
+  log: (line: string) => void,
+): Promise<{ kernel: DebPackage; busybox: DebPackage } | undefined> {
+  try {
+    // Each apt-cache call takes about a second: ask both at once.
+    const [kernel, busybox] = await Promise.all([
+      resolveKernelPackage(kernelPackage),
+      packageInfo(BUSYBOX_PACKAGE),
+    ]);
+    return { kernel, busybox };
+  } catch (e) {
+    if (!cached || !(e instanceof GuestImageError)) throw e;
+    log(`cannot ask apt for newer packages (${e.message}); using the cached ones`);
+    return undefined;
+  }
 }
 
 function sameVersions(

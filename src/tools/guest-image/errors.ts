@@ -12,7 +12,8 @@ export class CpioError extends TsvmmError {}
  * Building the guest image failed: a Debian tool is missing or failed, a
  * package has no candidate, or a downloaded package lacks what we need.
  * Codes: GUEST_IMAGE_TOOL_MISSING, GUEST_IMAGE_TOOL_FAILED,
- * GUEST_IMAGE_NO_PACKAGE, GUEST_IMAGE_BAD_PACKAGE, GUEST_IMAGE_USAGE.
+ * GUEST_IMAGE_NO_PACKAGE, GUEST_IMAGE_BAD_PACKAGE, GUEST_IMAGE_USAGE,
+ * GUEST_IMAGE_NOT_BUILT (cachedOnly found no complete cache).
  */
 export class GuestImageError extends TsvmmError {}
 
