@@ -197,7 +197,9 @@ export class KvmClockSanitizer implements KvmClockObserver {
         });
       }
     } else {
-      const wall = record.hostRealtime - stop.realtime;
+      // KVM reads its realtime inside KVM_SET_CLOCK, after the record's
+      // hostRealtime was taken: the wall time up to now bounds what it added.
+      const wall = this.access.hostRealtimeNs() - stop.realtime;
       if (advance < -this.tolerance || advance > wall + this.tolerance) {
         this.violate({
           kind: 'policy',
