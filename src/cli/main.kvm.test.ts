@@ -18,6 +18,7 @@ import {
   queryStatus,
   ProcessScope as Scope,
   SHUTDOWN_MS,
+  type TsvmmProcess as Tsvmm,
   waitRunning,
   within,
 } from '../test-support/tsvmm-process.js';
@@ -257,6 +258,33 @@ function assertRecordsWellFormed(
   }
 }
 
+/** Starts tsvmm with kvmclock and ioctl tracing into DIR/NAME.trace, its serial into DIR/NAME.serial, and a QMP socket. */
+async function startTraced(
+  scope: Scope,
+  dir: string,
+  name: string,
+  cpus: number,
+  extra: readonly string[],
+): Promise<{ vm: Tsvmm; qmp: QmpClient; traceFile: string; serial: string; startedAt: number }> {
+  const sock = join(dir, `${name}.sock`);
+  const traceFile = join(dir, `${name}.trace`);
+  const serial = join(dir, `${name}.serial`);
+  const startedAt = Math.floor(Date.now() / 1000);
+  const vm = scope.start([
+    ...TRACE_ARGS,
+    '-D',
+    traceFile,
+    '-serial',
+    `file:${serial}`,
+    ...qmpArg(sock),
+    '-smp',
+    String(cpus),
+    ...extra,
+  ]);
+  const qmp = await scope.connect(sock, vm);
+  return { vm, qmp, traceFile, serial, startedAt };
+}
+
 for (const cpus of [1, 2, 4]) {
   test(`the seed's scenario with -smp ${cpus}: start, stop, cont, migrate to file, quit; -incoming, quit`, {
     timeout: scaled(300_000),
@@ -267,21 +295,13 @@ for (const cpus of [1, 2, 4]) {
     const saved = join(dir, 'vm.state');
 
     // The source: started at once (no -S), as in the seed.
-    const sock = join(dir, 'qmp.sock');
-    const traceFile = join(dir, 'trace.log');
-    const serial = join(dir, 'serial.out');
-    const startedAt = Math.floor(Date.now() / 1000);
-    const vm = scope.start([
-      ...TRACE_ARGS,
-      '-D',
-      traceFile,
-      '-serial',
-      `file:${serial}`,
-      ...qmpArg(sock),
-      '-smp',
-      String(cpus),
-    ]);
-    const qmp = await scope.connect(sock, vm);
+    const { vm, qmp, traceFile, serial, startedAt } = await startTraced(
+      scope,
+      dir,
+      'src',
+      cpus,
+      [],
+    );
     await negotiate(qmp);
     await waitRunning(qmp);
     // The guest runs and has enabled kvmclock on every vCPU.
@@ -349,23 +369,13 @@ for (const cpus of [1, 2, 4]) {
     assert.equal(count(finish, ctrlEvent), 0, 'finish-migrate: no kvmclock_ctrl');
 
     // The destination: a new process started from the file.
-    const sock2 = join(dir, 'qmp2.sock');
-    const traceFile2 = join(dir, 'trace2.log');
-    const serial2 = join(dir, 'serial2.out');
-    const startedAt2 = Math.floor(Date.now() / 1000);
-    const vm2 = scope.start([
-      ...TRACE_ARGS,
-      '-D',
-      traceFile2,
-      '-serial',
-      `file:${serial2}`,
-      ...qmpArg(sock2),
-      '-smp',
-      String(cpus),
-      '-incoming',
-      `file:${saved}`,
-    ]);
-    const qmp2 = await scope.connect(sock2, vm2);
+    const {
+      vm: vm2,
+      qmp: qmp2,
+      traceFile: traceFile2,
+      serial: serial2,
+      startedAt: startedAt2,
+    } = await startTraced(scope, dir, 'dst', cpus, ['-incoming', `file:${saved}`]);
     await negotiate(qmp2);
     await waitRunning(qmp2);
     await waitForTicksAfter(serial2, cpus, 2, 0);
