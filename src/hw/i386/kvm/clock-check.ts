@@ -150,7 +150,12 @@ export class KvmClockSanitizer implements KvmClockObserver {
   async stopped(state: RunState, clock: bigint): Promise<void> {
     const transition: KvmClockTransition = state === 'paused' ? 'stop' : state;
     await this.readRound(transition, (cpu) => this.access.tscAtStop(cpu));
-    this.stopClock = { clock, realtime: this.access.hostRealtimeNs() };
+    // The realtime KVM paired with the saved clock, where there is one: the
+    // host time read here, after the readings, is later than the clock.
+    this.stopClock = {
+      clock,
+      realtime: this.device.realtimePair?.realtime ?? this.access.hostRealtimeNs(),
+    };
   }
 
   /** A start is about to set the clock: note each page's version (and, after a load, read where the source left it). */
