@@ -4,7 +4,7 @@
 // test's own, driven over QMP as a management tool would. Also a cancel in
 // the middle of the completion, and a destination killed mid-stream.
 //
-// Every test needs a real /dev/kvm (requireKvm: NOT RUN without one). Each
+// Every test needs a real /dev/kvm (requireKvm fails without one). Each
 // child is killed by its pid and every temp dir, namespace and veth pair is
 // removed in after hooks, pass or fail.
 import assert from 'node:assert/strict';

@@ -1,5 +1,6 @@
-// Tests against a real /dev/kvm. Where the host has no KVM they report
-// NOT RUN (requireKvm); they never fake the kernel.
+// Tests against a real /dev/kvm: the test runner gives them one (the host's,
+// or the nested-KVM VM's), and requireKvm fails them without it. They never
+// fake the kernel.
 import assert from 'node:assert/strict';
 import { readdirSync } from 'node:fs';
 import { type TestContext, test } from 'node:test';
