@@ -11,15 +11,14 @@ import { DEFAULT_TICK_NS } from '../hw/i386/probe-boot.js';
 import { isJsonObject, type JsonObject } from '../monitor/json-value.js';
 import type { QmpClient } from '../monitor/qmp-client.js';
 import { requireKvm } from '../test-support/kvm.js';
-import { type ProbeLine, parseProbeOutput, waitFor } from '../test-support/machine.js';
+import { type ProbeLine, readProbeLines, waitFor } from '../test-support/machine.js';
 import { scaled, TIME_SCALE } from '../test-support/time-scale.js';
 import {
-  negotiate,
-  qmpArg,
+  type QmpVm,
   queryStatus,
   ProcessScope as Scope,
   SHUTDOWN_MS,
-  type TsvmmProcess as Tsvmm,
+  startWithQmp,
   waitRunning,
   within,
 } from '../test-support/tsvmm-process.js';
@@ -28,13 +27,9 @@ const CPUS = 2;
 const PAUSE_MS = 5_000;
 const MS = 1_000_000n;
 
-function probeLines(path: string, resumed = false): ProbeLine[] {
-  return existsSync(path) ? parseProbeOutput(readFileSync(path, 'utf8'), { resumed }) : [];
-}
-
 async function waitTicks(serial: string, ticks: number, from: number, resumed = false) {
   await waitFor(`${ticks} ticks from each vCPU`, () => {
-    const lines = probeLines(serial, resumed).slice(from);
+    const lines = readProbeLines(serial, { resumed }).slice(from);
     return Array.from({ length: CPUS }, (_, c) => c).every(
       (c) => lines.filter((l) => l.cpu === c && l.event === 'tick').length >= ticks,
     );
@@ -56,31 +51,11 @@ function ns(v: unknown): bigint {
   return BigInt(v);
 }
 
-interface Vm {
-  vm: Tsvmm;
-  qmp: QmpClient;
-  serial: string;
-}
+type Vm = QmpVm;
 
-async function startVm(
-  scope: Scope,
-  dir: string,
-  name: string,
-  extra: readonly string[],
-): Promise<Vm> {
-  const sock = join(dir, `${name}.sock`);
-  const serial = join(dir, `${name}.serial`);
-  const vm = scope.start([
-    ...qmpArg(sock),
-    '-serial',
-    `file:${serial}`,
-    '-smp',
-    String(CPUS),
-    ...extra,
-  ]);
-  const qmp = await scope.connect(sock, vm);
-  await negotiate(qmp);
-  return { vm, qmp, serial };
+/** startWithQmp with the vCPU count of these tests. */
+function startVm(scope: Scope, dir: string, name: string, extra: readonly string[]): Promise<Vm> {
+  return startWithQmp(scope, dir, name, ['-smp', String(CPUS), ...extra]);
 }
 
 async function quit({ vm, qmp }: Vm): Promise<void> {
@@ -144,14 +119,14 @@ async function pauseAndResume(t: TestContext, v: Vm, policy: string) {
   await within(v.qmp.execute('stop'), 'stop');
   await within(v.qmp.nextEvent('STOP'), 'STOP');
   const stopSeen = process.hrtime.bigint();
-  const at = probeLines(v.serial).length;
+  const at = readProbeLines(v.serial).length;
   const beforeCont = await queryKvmclock(v.qmp);
   await sleep(PAUSE_MS);
   const contSent = process.hrtime.bigint();
   await within(v.qmp.execute('cont'), 'cont');
   const contDone = process.hrtime.bigint();
   await waitTicks(v.serial, 2, at);
-  const lines = probeLines(v.serial);
+  const lines = readProbeLines(v.serial);
   const q = await queryKvmclock(v.qmp);
   const start = q['last-start'] as JsonObject;
   const hostAdvance = ns(start['advance-ns']);
@@ -309,7 +284,7 @@ describe('kvmclock policies on the probe guest (needs KVM)', () => {
         if (s.status === 'postmigrate') break;
         await sleep(50);
       }
-      const srcLines = probeLines(src.serial);
+      const srcLines = readProbeLines(src.serial);
       await assertSilent(src, `${policy} finish-migrate`);
       await quit(src);
       await sleep(PAUSE_MS);
@@ -320,7 +295,7 @@ describe('kvmclock policies on the probe guest (needs KVM)', () => {
       ]);
       await waitRunning(dst.qmp);
       await waitTicks(dst.serial, 2, 0, true);
-      const dstLines = probeLines(dst.serial, true);
+      const dstLines = readProbeLines(dst.serial, { resumed: true });
       const q = await queryKvmclock(dst.qmp);
       const start = q['last-start'] as JsonObject;
       assert.equal(start.restored, true);

@@ -9,16 +9,17 @@ import { DEFAULT_TICK_NS } from '../hw/i386/probe-boot.js';
 import { isJsonObject } from '../monitor/json-value.js';
 import type { QmpClient } from '../monitor/qmp-client.js';
 import { requireKvm } from '../test-support/kvm.js';
-import { type ProbeLine, parseProbeOutput, waitFor } from '../test-support/machine.js';
+import { type ProbeLine, readProbeLines, waitFor } from '../test-support/machine.js';
 import { scaled } from '../test-support/time-scale.js';
 import {
   expectShutdownOnly,
   negotiate,
+  type QmpVm,
   qmpArg,
   queryStatus,
   ProcessScope as Scope,
   SHUTDOWN_MS,
-  type TsvmmProcess as Tsvmm,
+  startWithQmp,
   waitRunning,
   within,
 } from '../test-support/tsvmm-process.js';
@@ -151,15 +152,10 @@ function assertCtrlPerVcpu(
   for (const r of ioctls) assert.equal(r.thread, `vcpu${r.fields.cpu}`);
 }
 
-/** Reads the serial file and parses the probe's complete lines. */
-function probeLines(path: string, options: { resumed?: boolean } = {}): ProbeLine[] {
-  return existsSync(path) ? parseProbeOutput(readFileSync(path, 'utf8'), options) : [];
-}
-
 /** Waits until every vCPU printed `ready` and at least `ticks` tick lines. */
 async function waitForTicks(serial: string, cpus: number, ticks: number, from = 0): Promise<void> {
   await waitFor(`${ticks} ticks from each of ${cpus} vCPUs`, () => {
-    const lines = probeLines(serial).slice(from);
+    const lines = readProbeLines(serial).slice(from);
     for (let cpu = 0; cpu < cpus; cpu++) {
       if (from === 0 && !lines.some((l) => l.cpu === cpu && l.event === 'ready')) return false;
       if (lines.filter((l) => l.cpu === cpu && l.event === 'tick').length < ticks) return false;
@@ -176,7 +172,7 @@ async function waitForTicksAfter(
   from: number,
 ): Promise<void> {
   await waitFor(`${ticks} ticks from each of ${cpus} vCPUs`, () => {
-    const lines = probeLines(serial, { resumed: true }).slice(from);
+    const lines = readProbeLines(serial, { resumed: true }).slice(from);
     return Array.from({ length: cpus }, (_, cpu) => cpu).every(
       (cpu) => lines.filter((l) => l.cpu === cpu && l.event === 'tick').length >= ticks,
     );
@@ -258,31 +254,25 @@ function assertRecordsWellFormed(
   }
 }
 
-/** Starts tsvmm with kvmclock and ioctl tracing into DIR/NAME.trace, its serial into DIR/NAME.serial, and a QMP socket. */
+/** Starts tsvmm (startWithQmp) with kvmclock and ioctl tracing into DIR/NAME.trace. */
 async function startTraced(
   scope: Scope,
   dir: string,
   name: string,
   cpus: number,
   extra: readonly string[],
-): Promise<{ vm: Tsvmm; qmp: QmpClient; traceFile: string; serial: string; startedAt: number }> {
-  const sock = join(dir, `${name}.sock`);
+): Promise<QmpVm & { traceFile: string; startedAt: number }> {
   const traceFile = join(dir, `${name}.trace`);
-  const serial = join(dir, `${name}.serial`);
   const startedAt = Math.floor(Date.now() / 1000);
-  const vm = scope.start([
+  const started = await startWithQmp(scope, dir, name, [
     ...TRACE_ARGS,
     '-D',
     traceFile,
-    '-serial',
-    `file:${serial}`,
-    ...qmpArg(sock),
     '-smp',
     String(cpus),
     ...extra,
   ]);
-  const qmp = await scope.connect(sock, vm);
-  return { vm, qmp, traceFile, serial, startedAt };
+  return { ...started, traceFile, startedAt };
 }
 
 for (const cpus of [1, 2, 4]) {
@@ -302,18 +292,17 @@ for (const cpus of [1, 2, 4]) {
       cpus,
       [],
     );
-    await negotiate(qmp);
     await waitRunning(qmp);
     // The guest runs and has enabled kvmclock on every vCPU.
     await waitForTicks(serial, cpus, 1);
 
     await within(qmp.execute('stop'), 'stop');
     await within(qmp.nextEvent('STOP'), 'STOP');
-    const resumedAt = probeLines(serial).length;
+    const resumedAt = readProbeLines(serial).length;
     await within(qmp.execute('cont'), 'cont');
     await within(qmp.nextEvent('RESUME'), 'RESUME');
     await waitForTicksAfter(serial, cpus, 2, resumedAt);
-    assertEveryVcpuSawStopped(probeLines(serial), resumedAt, cpus, 'after cont');
+    assertEveryVcpuSawStopped(readProbeLines(serial), resumedAt, cpus, 'after cont');
 
     assert.deepEqual(await within(qmp.execute('migrate', { uri: `file:${saved}` }), 'migrate'), {});
     await waitMigrate(qmp, 'completed');
@@ -376,10 +365,9 @@ for (const cpus of [1, 2, 4]) {
       serial: serial2,
       startedAt: startedAt2,
     } = await startTraced(scope, dir, 'dst', cpus, ['-incoming', `file:${saved}`]);
-    await negotiate(qmp2);
     await waitRunning(qmp2);
     await waitForTicksAfter(serial2, cpus, 2, 0);
-    const restored = probeLines(serial2, { resumed: true });
+    const restored = readProbeLines(serial2, { resumed: true });
     assert.deepEqual(
       restored.filter((l) => l.event === 'ready'),
       [],
@@ -388,7 +376,7 @@ for (const cpus of [1, 2, 4]) {
     assertEveryVcpuSawStopped(restored, 0, cpus, 'after -incoming');
     // The guest's clock went on from where the source left it.
     for (let cpu = 0; cpu < cpus; cpu++) {
-      const lastSaved = probeLines(serial)
+      const lastSaved = readProbeLines(serial)
         .filter((l) => l.cpu === cpu && l.event === 'tick')
         .at(-1)!.fields.ns!;
       const firstRestored = restored.find((l) => l.cpu === cpu && l.event === 'tick')!.fields.ns!;
@@ -432,34 +420,26 @@ async function stopAndResume(
   extraArgs: readonly string[],
 ): Promise<{ lines: ProbeLine[]; resumedAt: number; quit: () => Promise<void> }> {
   const scope = new Scope(t);
-  const dir = scope.tempDir();
-  const sock = join(dir, 'qmp.sock');
-  const serial = join(dir, 'serial.out');
-  const vm = scope.start([
-    ...qmpArg(sock),
-    '-serial',
-    `file:${serial}`,
+  const { vm, qmp, serial } = await startWithQmp(scope, scope.tempDir(), 'vm', [
     '-smp',
     String(cpus),
     ...extraArgs,
   ]);
-  const qmp = await scope.connect(sock, vm);
-  await negotiate(qmp);
   await waitRunning(qmp);
   await waitForTicks(serial, cpus, 3);
 
   await within(qmp.execute('stop'), 'stop');
   await within(qmp.nextEvent('STOP'), 'STOP');
   // Every vCPU has left KVM_RUN and its last line is written: nothing comes until cont.
-  const resumedAt = probeLines(serial).length;
+  const resumedAt = readProbeLines(serial).length;
   await sleep(pauseMs);
-  assert.equal(probeLines(serial).length, resumedAt, 'the guest printed nothing while stopped');
+  assert.equal(readProbeLines(serial).length, resumedAt, 'the guest printed nothing while stopped');
   await within(qmp.execute('cont'), 'cont');
   await within(qmp.nextEvent('RESUME'), 'RESUME');
   await waitForTicks(serial, cpus, 2, resumedAt);
 
   return {
-    lines: probeLines(serial),
+    lines: readProbeLines(serial),
     resumedAt,
     quit: async () => {
       await within(qmp.execute('quit'), 'quit');

@@ -1,4 +1,12 @@
-import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { type MachineOptions, X86Machine } from '../hw/i386/machine.js';
@@ -73,6 +81,11 @@ export function parseProbeOutput(text: string, options: { resumed?: boolean } = 
     }
     return { cpu: Number(m[1]), event: m[2]!, fields };
   });
+}
+
+/** The probe's whole lines in the file at `path` so far (none if it does not exist yet). */
+export function readProbeLines(path: string, options: { resumed?: boolean } = {}): ProbeLine[] {
+  return existsSync(path) ? parseProbeOutput(readFileSync(path, 'utf8'), options) : [];
 }
 
 /** How many fds and threads this process has now (to prove nothing leaked). */

@@ -340,3 +340,28 @@ export async function expectShutdownOnly(qmp: QmpClient, reason: string): Promis
 export function qmpArg(socket: string): string[] {
   return ['-qmp', `unix:${socket},server=on,wait=off`];
 }
+
+/** A tsvmm started by {@link startWithQmp}: its process, its negotiated QMP client, its serial file. */
+export interface QmpVm {
+  vm: TsvmmProcess;
+  qmp: QmpClient;
+  serial: string;
+}
+
+/**
+ * Starts tsvmm with `args`, a QMP socket at DIR/NAME.sock and the guest's
+ * serial in DIR/NAME.serial, then connects and negotiates.
+ */
+export async function startWithQmp(
+  scope: ProcessScope,
+  dir: string,
+  name: string,
+  args: readonly string[],
+): Promise<QmpVm> {
+  const sock = join(dir, `${name}.sock`);
+  const serial = join(dir, `${name}.serial`);
+  const vm = scope.start([...qmpArg(sock), '-serial', `file:${serial}`, ...args]);
+  const qmp = await scope.connect(sock, vm);
+  await negotiate(qmp);
+  return { vm, qmp, serial };
+}
