@@ -13,7 +13,7 @@ import { deathSignalPrefix, killByPid, TSVMM_MAIN } from '../test-support/tsvmm-
 
 const PTY_SPAWN = 'import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)';
 
-test('the human monitor on a terminal: info status, cont, stop, quit', {
+test('the human monitor on a terminal: info status, cont, stop, info registers and lapic, quit', {
   timeout: scaled(60_000),
 }, async (t) => {
   if (!requireKvm(t)) return;
@@ -59,6 +59,12 @@ test('the human monitor on a terminal: info status, cont, stop, quit', {
   await type('info status', /VM status: running/);
   await type('stop', /\(qemu\) /);
   await type('info status', /VM status: paused/);
+  // The probe guest runs in 64-bit mode, so EFER has LME and LMA (0x500).
+  await type(
+    'info registers',
+    /RIP=[0-9a-f]{16} RFL=[0-9a-f]{8} CPL=0 HLT=[01] MP=\w+[\s\S]*EFER=0{13}[5d]00/,
+  );
+  await type('info lapic', /LAPIC ID=0 [\s\S]*LVTT=[0-9a-f]{8} \(/);
   child.stdin.write('quit\r');
   assert.equal(await exited, 0);
 });

@@ -2,6 +2,7 @@
  * The monitor's view of a running tsvmm (monitor/vm-control.ts's VmControl)
  * over the machine, the lifecycle and the main loop.
  */
+import { DESCRIBE_LAPIC_OP, DESCRIBE_REGISTERS_OP } from '../accel/kvm/vcpu-ops.js';
 import type { X86Machine } from '../hw/i386/machine.js';
 import type { VmControl, VmCpuInfo } from '../monitor/vm-control.js';
 import type { MainLoop } from '../system/main-loop.js';
@@ -51,6 +52,10 @@ export function machineVmControl({
         target: 'x86_64',
         props: { socketId: cpuIndex, coreId: 0, threadId: 0 },
       })),
+    cpuRegisters: async (cpuIndex) =>
+      (await machine.vcpus.runOnCpu(cpuIndex, DESCRIBE_REGISTERS_OP)) as string,
+    cpuLapic: async (cpuIndex) =>
+      (await machine.vcpus.runOnCpu(cpuIndex, DESCRIBE_LAPIC_OP)) as string,
     kvm: { enabled: true, present: true },
     traceEvents,
   };

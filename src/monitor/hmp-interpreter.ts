@@ -19,7 +19,7 @@ interface HmpCommand {
 
 /**
  * A small human monitor (HMP) with QEMU's command names and output:
- * `info status|version|kvm|name|cpus|trace-events`, `stop`, `cont`/`c`,
+ * `info status|version|kvm|name|cpus|registers|lapic|trace-events`, `stop`, `cont`/`c`,
  * `system_reset`, `trace-event NAME on|off`, `quit`/`q`, `help`/`?`.
  * Unknown commands get QEMU's "unknown command: 'x'". Used both by
  * `-monitor stdio` (hmp.ts) and by the QMP command human-monitor-command.
@@ -79,6 +79,18 @@ export class HmpInterpreter {
             .cpus()
             .map((c, i) => `${i === 0 ? '*' : ' '} CPU #${c.cpuIndex}: thread_id=${c.threadId}\n`)
             .join(''),
+      },
+      {
+        names: ['registers'],
+        params: '[-a]',
+        help: 'show the cpu registers (-a: all CPUs)',
+        run: (args) => this.perCpu('registers', args === '-a', args, (i) => vm.cpuRegisters?.(i)),
+      },
+      {
+        names: ['lapic'],
+        params: '[apic-id]',
+        help: 'show the local APIC state (apic-id: that CPU, else the first)',
+        run: (args) => this.perCpu('lapic', false, args, (i) => vm.cpuLapic?.(i)),
       },
       {
         names: ['trace-events'],
@@ -181,6 +193,36 @@ export class HmpInterpreter {
       const message = e instanceof QmpError || e instanceof Error ? e.message : String(e);
       return `Error: ${message}\n`;
     }
+  }
+
+  /**
+   * `info registers` and `info lapic`: one CPU (the first, or the one an
+   * apic-id names; tsvmm's APIC ids are the CPU indexes) or, with `all`,
+   * each CPU under QEMU's "CPU#N" heading.
+   */
+  private async perCpu(
+    what: string,
+    all: boolean,
+    args: string,
+    read: (cpuIndex: number) => Promise<string> | undefined,
+  ): Promise<string> {
+    const cpus = this.vm.cpus().map((c) => c.cpuIndex);
+    let chosen = cpus.slice(0, 1);
+    if (all) chosen = cpus;
+    else if (args !== '' && what === 'lapic') {
+      const id = Number(args);
+      if (!/^\d+$/.test(args) || !cpus.includes(id)) return `Error: no CPU with apic-id ${args}\n`;
+      chosen = [id];
+    } else if (args !== '') {
+      return `info ${what}: expected -a or nothing, not '${args}'\n`;
+    }
+    const parts: string[] = [];
+    for (const cpu of chosen) {
+      const text = await read(cpu);
+      if (text === undefined) return `Error: no vCPU to read the ${what} of\n`;
+      parts.push(all ? `\nCPU#${cpu}\n${text}\n` : `${text}\n`);
+    }
+    return parts.join('');
   }
 
   private traceEvent(args: string): string {

@@ -55,6 +55,38 @@ describe('HMP interpreter (test double VM)', () => {
     assert.equal(await out(hmp, 'trace-event nope on'), 'Error: unknown event "nope"\r\n');
   });
 
+  it('answers info registers for the first CPU or all (-a), and info lapic by apic-id', async () => {
+    const vm = new TestVmControl({ name: 'vm1' });
+    const { hmp } = interpreter(vm);
+    assert.equal(
+      await out(hmp, 'info registers'),
+      'Error: no vCPU to read the registers of\r\n',
+      'a VM without vCPU access says so',
+    );
+    const reads: number[] = [];
+    Object.assign(vm, {
+      cpuRegisters: async (i: number) => {
+        reads.push(i);
+        return `RIP=${i}\nRFL=2`;
+      },
+      cpuLapic: async (i: number) => `LAPIC ID=${i}`,
+    });
+    assert.equal(await out(hmp, 'info registers'), 'RIP=0\r\nRFL=2\r\n');
+    assert.equal(
+      await out(hmp, 'info registers -a'),
+      '\r\nCPU#0\r\nRIP=0\r\nRFL=2\r\n\r\nCPU#1\r\nRIP=1\r\nRFL=2\r\n',
+    );
+    assert.deepEqual(reads, [0, 0, 1]);
+    assert.equal(
+      await out(hmp, 'info registers -x'),
+      "info registers: expected -a or nothing, not '-x'\r\n",
+    );
+    assert.equal(await out(hmp, 'info lapic'), 'LAPIC ID=0\r\n');
+    assert.equal(await out(hmp, 'info lapic 1'), 'LAPIC ID=1\r\n');
+    assert.equal(await out(hmp, 'info lapic 7'), 'Error: no CPU with apic-id 7\r\n');
+    assert.equal(await out(hmp, 'info lapic one'), 'Error: no CPU with apic-id one\r\n');
+  });
+
   it("answers unknown commands with QEMU's message, and refuses extra arguments", async () => {
     const { hmp } = interpreter();
     assert.equal(await out(hmp, 'frob'), "unknown command: 'frob'\r\n");

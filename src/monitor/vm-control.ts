@@ -65,6 +65,13 @@ export interface VmControl {
   /** The `-name` given, if any. */
   readonly name?: string;
   cpus(): VmCpuInfo[];
+  /**
+   * A register dump of vCPU `cpuIndex` (HMP `info registers`), read on the
+   * vCPU's own thread; absent where there are no vCPUs to read.
+   */
+  cpuRegisters?(cpuIndex: number): Promise<string>;
+  /** The local APIC of vCPU `cpuIndex` (HMP `info lapic`), read on its thread. */
+  cpuLapic?(cpuIndex: number): Promise<string>;
   readonly kvm: { enabled: boolean; present: boolean };
   readonly traceEvents: {
     /** Events whose names match `pattern`, a glob with `*` and `?` (an exact name matches itself). */

@@ -23,6 +23,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import {
   type DebPackage,
   downloadPackage,
@@ -33,6 +34,11 @@ import {
 import { GuestImageError, VmlinuxError } from './errors.js';
 import { extractVmlinux } from './extract-vmlinux.js';
 import { buildInitramfs } from './initramfs.js';
+
+/** The committed clock reporter (guests/clock-reporter), built into every image. */
+export const CLOCK_REPORTER_PATH = fileURLToPath(
+  new URL('../../../guests/clock-reporter/clock-reporter', import.meta.url),
+);
 
 /** The kernel metapackage used unless another is named. */
 export const DEFAULT_KERNEL_PACKAGE = 'linux-image-cloud-amd64';
@@ -150,8 +156,11 @@ export async function buildGuestImage(options: GuestBuildOptions): Promise<Guest
     downloaded = true;
   }
 
+  const clockReporter = await readFile(CLOCK_REPORTER_PATH);
   const initramfs = buildInitramfs(
-    options.script ? { busybox, script: options.script } : { busybox },
+    options.script
+      ? { busybox, clockReporter, script: options.script }
+      : { busybox, clockReporter },
   );
   await writeAtomic(initramfsPath, initramfs);
   const vmlinuz = await readFile(vmlinuzPath);

@@ -47,6 +47,20 @@ test('a given script becomes an executable /script', () => {
   assert.deepEqual(Buffer.from(entry.data), script);
 });
 
+test('a given clock reporter becomes an executable /bin/clock-reporter', () => {
+  const clockReporter = Buffer.from('\x7fELF fake');
+  const entry = initramfsEntries({ busybox: FAKE_BUSYBOX, clockReporter }).find(
+    (e) => e.path === 'bin/clock-reporter',
+  );
+  assert.ok(entry && entry.kind === 'file');
+  assert.equal(entry.mode, 0o755);
+  assert.deepEqual(Buffer.from(entry.data), clockReporter);
+  assert.equal(
+    initramfsEntries({ busybox: FAKE_BUSYBOX }).some((e) => e.path === 'bin/clock-reporter'),
+    false,
+  );
+});
+
 test('/init mounts proc, sys and devtmpfs, prints the marker, then runs /script or a shell', () => {
   const lines = INIT_SCRIPT.split('\n');
   assert.equal(lines[0], '#!/bin/sh');

@@ -93,6 +93,11 @@ export interface InitramfsInput {
   busybox: Uint8Array;
   /** A shell script run by /init instead of the interactive shell. */
   script?: Uint8Array;
+  /**
+   * guests/clock-reporter, installed as /bin/clock-reporter: it prints the
+   * guest's clocks every 100 ms and any backwards step or watchdog splat.
+   */
+  clockReporter?: Uint8Array;
 }
 
 /** The archive entries of the initramfs, in archive order. */
@@ -113,6 +118,14 @@ export function initramfsEntries(input: InitramfsInput): CpioEntry[] {
     ),
     { kind: 'file', path: 'init', mode: 0o755, data: Buffer.from(INIT_SCRIPT, 'utf8') },
   ];
+  if (input.clockReporter) {
+    entries.push({
+      kind: 'file',
+      path: 'bin/clock-reporter',
+      mode: 0o755,
+      data: input.clockReporter,
+    });
+  }
   if (input.script) entries.push({ kind: 'file', path: 'script', mode: 0o755, data: input.script });
   return entries;
 }
