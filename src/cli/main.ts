@@ -174,6 +174,7 @@ async function run(config: VmConfig): Promise<number> {
     machine = await X86Machine.create({
       cpus: config.smp.cpus,
       memoryBytes: config.memoryBytes,
+      memPrealloc: config.memPrealloc,
       cpuFeatures: config.cpu.features,
       boot: guestBoot(config),
       serialFd,

@@ -222,6 +222,11 @@ describe('command line: each option', () => {
     assert.equal(c.nographic, true);
     assert.deepEqual(c.serial, { kind: 'stdio' });
     assert.equal(c.noReboot, true);
+    assert.equal(c.memPrealloc, false);
+  });
+
+  it('-mem-prealloc', () => {
+    assert.equal(run('-mem-prealloc').memPrealloc, true);
   });
 
   it('-incoming URI|defer', () => {

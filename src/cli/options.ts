@@ -61,6 +61,8 @@ export interface VmConfig {
   nographic: boolean;
   /** `-no-reboot`: a guest reboot exits instead. */
   noReboot: boolean;
+  /** `-mem-prealloc`: fault all guest RAM in before the guest starts. */
+  memPrealloc: boolean;
   /** `-incoming URI` or `-incoming defer`. */
   incoming?: { kind: 'uri'; uri: string } | { kind: 'defer' };
   /** `-name NAME` or `-name guest=NAME`. */
@@ -154,6 +156,7 @@ function defaultConfig(): VmConfig {
     serial: { kind: 'stdio' },
     nographic: false,
     noReboot: false,
+    memPrealloc: false,
     debugThreads: false,
     trace: { enable: [], eventFiles: [], backtrace: false },
     faults: {
@@ -293,6 +296,13 @@ const OPTIONS: readonly OptionDef[] = [
   flag(['-no-reboot'], 'exit instead of rebooting when the guest reboots', (s) => {
     s.config.noReboot = true;
   }),
+  flag(
+    ['-mem-prealloc'],
+    'fault all guest RAM in at start (fails at once if the host lacks it)',
+    (s) => {
+      s.config.memPrealloc = true;
+    },
+  ),
   valued(
     ['-incoming'],
     'URI|defer',

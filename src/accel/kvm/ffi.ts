@@ -57,6 +57,8 @@ export const MADV_DONTNEED = 4;
 export const MADV_DONTFORK = 10;
 export const MADV_MERGEABLE = 12;
 export const MADV_HUGEPAGE = 14;
+/** Linux 5.14+: fault every page of the range in, writable. */
+export const MADV_POPULATE_WRITE = 23;
 
 /** pthread_sigmask(3) `how` values. */
 export const SIG_BLOCK = 0;

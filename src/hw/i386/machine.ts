@@ -32,6 +32,8 @@ export const COUNTING_PORT = 0x500;
 export interface MachineOptions {
   cpus: number;
   memoryBytes: number;
+  /** Fault all RAM in before the guest runs (`-mem-prealloc`). */
+  memPrealloc?: boolean;
   /** What to boot: a probe guest, or a Linux kernel. */
   boot: GuestBoot;
   /** Where the UART's output goes: an fd, or null to drop it (`-serial none`). */
@@ -109,7 +111,9 @@ export class X86Machine {
       vm.createIrqchip();
       vm.createPit2();
 
-      const memory = GuestMemory.create(options.memoryBytes);
+      const memory = GuestMemory.create(options.memoryBytes, {
+        prealloc: options.memPrealloc ?? false,
+      });
       cleanups.push(() => memory.close());
       memory.register(vm);
 

@@ -29,10 +29,12 @@ export class GuestMemoryClosedError extends TsvmmError {
 export class GuestMemoryAllocError extends TsvmmError {
   readonly errno: number;
 
-  constructor(size: number, errno: number, errnoName: string) {
+  constructor(size: number, errno: number, errnoName: string, what: 'map' | 'preallocate' = 'map') {
     super(
       'GUEST_MEMORY_ALLOC_FAILED',
-      `cannot map ${size} bytes of guest RAM (${errnoName}): the host lacks address space or refuses overcommit; give the guest less memory (-m)`,
+      what === 'map'
+        ? `cannot map ${size} bytes of guest RAM (${errnoName}): the host lacks address space or refuses overcommit; give the guest less memory (-m)`
+        : `cannot preallocate ${size} bytes of guest RAM (${errnoName}): the host has not that much memory free; give the guest less memory (-m) or drop -mem-prealloc`,
     );
     this.errno = errno;
   }

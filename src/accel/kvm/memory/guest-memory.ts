@@ -8,11 +8,12 @@
  * address (a bigint) so another thread (a vCPU worker, the migration
  * thread) can make its own views: koffi views cannot be posted.
  */
-import { errnoName } from '../errno.js';
+import { Errno, errnoName } from '../errno.js';
 import {
   lastErrno,
   MADV_DONTFORK,
   MADV_HUGEPAGE,
+  MADV_POPULATE_WRITE,
   MAP_ANONYMOUS,
   MAP_FAILED,
   MAP_NORESERVE,
@@ -61,6 +62,13 @@ export interface GuestMemoryOptions {
   layout?: 'pc' | 'flat';
   /** KVM slot number of the first slot; the others follow. Default 0. */
   firstSlot?: number;
+  /**
+   * Fault every page in before the guest runs (QEMU's -mem-prealloc): the
+   * memory is known to be there, the guest never waits on a first-touch
+   * fault, and the host's second-level page tables never change under a
+   * running guest for a page's first write.
+   */
+  prealloc?: boolean;
 }
 
 /** Options for {@link GuestMemory.register}. */
@@ -143,7 +151,31 @@ export class GuestMemory {
     // first (measured here: 256 MiB in 22 ms rather than 830 ms), and
     // larger mappings in KVM's page tables. Also only advice.
     sysMadvise(base, size, MADV_HUGEPAGE);
-    return new GuestMemory(base, size, regions, options.firstSlot ?? 0);
+    const memory = new GuestMemory(base, size, regions, options.firstSlot ?? 0);
+    if (options.prealloc) memory.prealloc();
+    return memory;
+  }
+
+  /**
+   * Faults every page in, writable: MADV_POPULATE_WRITE where the kernel has
+   * it (5.14), else a write of zero to each page (the mapping is zeroed
+   * anonymous memory, so the write changes nothing). A failure unmaps the
+   * RAM and says why: the guest would not have had it.
+   */
+  private prealloc(): void {
+    if (sysMadvise(this.#base, this.size, MADV_POPULATE_WRITE) === 0) return;
+    const errno = lastErrno();
+    if (errno !== Errno.EINVAL) {
+      this.close();
+      throw new GuestMemoryAllocError(this.size, errno, errnoName(errno), 'preallocate');
+    }
+    for (let start = 0; start < this.size; start += VIEW_CHUNK_BYTES) {
+      const piece = viewNative(
+        this.#base + BigInt(start),
+        Math.min(VIEW_CHUNK_BYTES, this.size - start),
+      );
+      for (let offset = 0; offset < piece.byteLength; offset += PAGE_SIZE) piece[offset] = 0;
+    }
   }
 
   /** Host address of the whole RAM mapping. */

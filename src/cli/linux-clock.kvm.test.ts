@@ -1,0 +1,292 @@
+/**
+ * Linux's own view of time across the seed's lifecycle: Debian's cloud
+ * kernel with the guest image's clock reporter (guests/clock-reporter)
+ * printing CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_MONOTONIC_RAW (kvm-clock)
+ * and CLOCK_BOOTTIME every 100 ms, plus any backwards step and any
+ * soft-lockup or RCU-stall record of the kernel log.
+ *
+ * Across a 5 s stop/cont and across save -> 5 s -> restore:
+ * - freeze (QEMU's behaviour): the guest's clocks advance by the reporter's
+ *   interval and no more than 50 ms beyond it: the pause is invisible;
+ * - realtime: they advance by the host's pause too, as the host measured it;
+ * - never backwards, no splat with `watchdog_thresh=1`;
+ * - and, to show why KVMCLOCK_CTRL exists, realtime without it
+ *   (-x-no-kvmclock-ctrl): the clock jumps by the pause and the soft-lockup
+ *   watchdog fires. Under freeze the jump is absent, so there is nothing for
+ *   CTRL to excuse: the test records that too.
+ *
+ * Under emulation (the VM runner) the bounds stretch by the time scale and
+ * the watchdog threshold is 2 s (a 4 s window), still below the 5 s pause.
+ */
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { type TestContext, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { requireKvm } from '../test-support/kvm.js';
+import { waitFor } from '../test-support/machine.js';
+import { scaled, TIME_SCALE } from '../test-support/time-scale.js';
+import {
+  ProcessScope,
+  type QmpVm,
+  queryStatus,
+  SHUTDOWN_MS,
+  startWithQmp,
+  waitRunning,
+  within,
+} from '../test-support/tsvmm-process.js';
+import { buildGuestImage, CLOCK_REPORTER_PATH } from '../tools/guest-image/build.js';
+import { type ClockSample, parseClockReport } from '../tools/guest-image/clock-report.js';
+import { buildInitramfs } from '../tools/guest-image/initramfs.js';
+import { defaultGuestCacheDir } from '../tools/guest-image/main.js';
+
+const CPUS = 2;
+const INTERVAL_MS = 100;
+const PAUSE_MS = 5_000;
+const MS = 1_000_000n;
+/** Boot to the reporter's first lines: seconds on a host, minutes emulated. */
+const BOOT_MS = 60_000;
+/** The soft-lockup window is twice this. */
+const WATCHDOG_THRESH = TIME_SCALE > 1 ? 2 : 1;
+/** What a pause may add to a frozen clock beyond the interval: 50 ms (the issue's bound). */
+const LEAK_BOUND = BigInt(scaled(50)) * MS;
+
+/** The guest image with the reporter as /script, written to `dir`. */
+async function clockGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+  const cache = defaultGuestCacheDir();
+  const built = await buildGuestImage({ outDir: cache, cachedOnly: true });
+  const initrd = join(dir, 'clock.cpio');
+  const script = Buffer.from(`exec clock-reporter ${INTERVAL_MS}\n`);
+  writeFileSync(
+    initrd,
+    buildInitramfs({
+      busybox: readFileSync(join(cache, 'busybox')),
+      clockReporter: readFileSync(CLOCK_REPORTER_PATH),
+      script,
+    }),
+  );
+  return { kernel: built.vmlinux ?? built.vmlinuz, initrd };
+}
+
+function linuxArgs(guest: { kernel: string; initrd: string }, extra: readonly string[]): string[] {
+  return [
+    '-smp',
+    String(CPUS),
+    '-m',
+    '512M',
+    '-kernel',
+    guest.kernel,
+    '-initrd',
+    guest.initrd,
+    '-append',
+    `console=ttyS0 quiet watchdog_thresh=${WATCHDOG_THRESH}`,
+    ...extra,
+  ];
+}
+
+function report(serial: string) {
+  return parseClockReport(existsSync(serial) ? readFileSync(serial, 'utf8') : '');
+}
+
+/** Waits until the reporter has printed a sample numbered `n` or later. */
+async function waitSample(serial: string, n: number, ms: number): Promise<void> {
+  await waitFor(`clock sample ${n}`, () => (report(serial).samples.at(-1)?.n ?? 0) >= n, ms).catch(
+    (err: Error) => {
+      const text = existsSync(serial) ? readFileSync(serial, 'utf8') : '';
+      throw new Error(`${err.message}; the console ends with:\n${text.slice(-2000)}`);
+    },
+  );
+}
+
+async function quit({ vm, qmp }: QmpVm): Promise<void> {
+  await within(qmp.execute('quit'), 'quit');
+  const exit = await vm.waitExit(SHUTDOWN_MS);
+  assert.deepEqual(exit, { code: 0, signal: null }, vm.stderr);
+}
+
+/**
+ * How the guest saw a pause: between the last sample before it and the
+ * first after, each clock's step less the reporter's intervals in between.
+ * A frozen clock shows about 0; one that follows the host shows the pause.
+ */
+interface PauseSeen {
+  before: ClockSample;
+  after: ClockSample;
+  /** Per clock: the step beyond the reporter's own intervals, in ns. */
+  beyond: { realtime: bigint; monotonic: bigint; raw: bigint; boottime: bigint };
+}
+
+function pauseSeen(before: ClockSample, after: ClockSample): PauseSeen {
+  const intervals = BigInt(after.n - before.n) * BigInt(INTERVAL_MS) * MS;
+  const step = (k: 'realtime' | 'monotonic' | 'raw' | 'boottime') =>
+    after[k] - before[k] - intervals;
+  return {
+    before,
+    after,
+    beyond: {
+      realtime: step('realtime'),
+      monotonic: step('monotonic'),
+      raw: step('raw'),
+      boottime: step('boottime'),
+    },
+  };
+}
+
+function describePause(p: PauseSeen): string {
+  const ms = (v: bigint) => (Number(v) / 1e6).toFixed(1);
+  return `samples ${p.before.n} -> ${p.after.n}: beyond the interval realtime ${ms(p.beyond.realtime)} ms, monotonic ${ms(p.beyond.monotonic)} ms, raw ${ms(p.beyond.raw)} ms, boottime ${ms(p.beyond.boottime)} ms`;
+}
+
+/** No backwards step and no watchdog record in what the reporter printed. */
+function assertClean(serial: string, what: string): void {
+  const r = report(serial);
+  assert.deepEqual(r.backwards, [], `${what}: no clock went backwards`);
+  assert.deepEqual(r.splats, [], `${what}: no soft lockup or RCU stall`);
+  const text = readFileSync(serial, 'utf8');
+  assert.doesNotMatch(text, /soft lockup|rcu_\w+ detected stall/, `${what}: console`);
+}
+
+/** Stops `v`, waits PAUSE_MS, resumes it; returns the guest's view and the host's. */
+async function stopAndCont(v: QmpVm): Promise<{ seen: PauseSeen; hostPauseNs: bigint }> {
+  await waitSample(v.serial, 5, BOOT_MS);
+  const stopSent = process.hrtime.bigint();
+  await within(v.qmp.execute('stop'), 'stop');
+  const stopped = process.hrtime.bigint();
+  const before = report(v.serial).samples.at(-1)!;
+  await sleep(PAUSE_MS);
+  const contSent = process.hrtime.bigint();
+  await within(v.qmp.execute('cont'), 'cont');
+  const contDone = process.hrtime.bigint();
+  await waitSample(v.serial, before.n + 5, scaled(5_000));
+  const after = report(v.serial).samples.find((s) => s.n > before.n)!;
+  // The host's pause is bracketed by what the test saw: from the stop's
+  // reply to the cont's request at least, from the stop's request to the
+  // cont's reply at most. The middle is the figure reported.
+  const low = contSent - stopped;
+  const high = contDone - stopSent;
+  return { seen: pauseSeen(before, after), hostPauseNs: (low + high) / 2n };
+}
+
+/** Boots Linux with the reporter under `extra` options and waits for its first samples. */
+async function bootClockGuest(
+  t: TestContext,
+  scope: ProcessScope,
+  dir: string,
+  name: string,
+  extra: readonly string[],
+): Promise<QmpVm> {
+  const guest = await clockGuest(dir);
+  const started = performance.now();
+  const v = await startWithQmp(scope, dir, name, linuxArgs(guest, extra));
+  await waitRunning(v.qmp);
+  await waitSample(v.serial, 5, BOOT_MS);
+  t.diagnostic(
+    `${name}: reporter running ${((performance.now() - started) / 1000).toFixed(1)} s after spawn`,
+  );
+  return v;
+}
+
+test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invisible to its clocks', {
+  timeout: scaled(BOOT_MS * 2 + 120_000),
+}, async (t) => {
+  if (!requireKvm(t)) return;
+  const scope = new ProcessScope(t);
+  const dir = scope.tempDir();
+  const src = await bootClockGuest(t, scope, dir, 'src', []);
+
+  const { seen, hostPauseNs } = await stopAndCont(src);
+  t.diagnostic(
+    `freeze stop/cont, host paused ${Number(hostPauseNs / MS)} ms: ${describePause(seen)}`,
+  );
+  for (const clock of ['realtime', 'monotonic', 'raw', 'boottime'] as const) {
+    assert.ok(
+      seen.beyond[clock] < LEAK_BOUND,
+      `freeze: ${clock} took in the pause: ${describePause(seen)}`,
+    );
+  }
+  assertClean(src.serial, 'freeze stop/cont');
+
+  // save -> 5 s -> restore, on a second process.
+  const saved = join(dir, 'vm.state');
+  await within(src.qmp.execute('migrate', { uri: `file:${saved}` }), 'migrate');
+  const deadline = performance.now() + scaled(60_000);
+  while ((await queryStatus(src.qmp)).status !== 'postmigrate') {
+    assert.ok(performance.now() < deadline, 'the save finishes');
+    await sleep(50);
+  }
+  const before = report(src.serial).samples.at(-1)!;
+  await quit(src);
+  const savedAt = process.hrtime.bigint();
+  await sleep(PAUSE_MS);
+  const guest = await clockGuest(dir);
+  const dst = await startWithQmp(scope, dir, 'dst', [
+    ...linuxArgs(guest, []),
+    '-incoming',
+    `file:${saved}`,
+  ]);
+  await waitRunning(dst.qmp);
+  const hostGapNs = process.hrtime.bigint() - savedAt;
+  await waitSample(dst.serial, before.n + 5, scaled(10_000));
+  const after = report(dst.serial).samples.find((s) => s.n > before.n)!;
+  const restored = pauseSeen(before, after);
+  t.diagnostic(
+    `freeze save -> ${PAUSE_MS} ms -> restore, ${Number(hostGapNs / MS)} ms from quit to running: ${describePause(restored)}`,
+  );
+  for (const clock of ['realtime', 'monotonic', 'raw', 'boottime'] as const) {
+    assert.ok(
+      restored.beyond[clock] < LEAK_BOUND,
+      `freeze restore: ${clock} took in the pause: ${describePause(restored)}`,
+    );
+  }
+  assertClean(dst.serial, 'freeze restore');
+  await quit(dst);
+});
+
+test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL keeps the watchdog quiet', {
+  timeout: scaled(BOOT_MS + 60_000),
+}, async (t) => {
+  if (!requireKvm(t)) return;
+  const scope = new ProcessScope(t);
+  const dir = scope.tempDir();
+  const v = await bootClockGuest(t, scope, dir, 'rt', ['-global', 'kvmclock.policy=realtime']);
+  const { seen, hostPauseNs } = await stopAndCont(v);
+  t.diagnostic(
+    `realtime stop/cont, host paused ${Number(hostPauseNs / MS)} ms: ${describePause(seen)}`,
+  );
+  for (const clock of ['realtime', 'monotonic', 'raw', 'boottime'] as const) {
+    const off = seen.beyond[clock] - hostPauseNs;
+    assert.ok(
+      off > -LEAK_BOUND && off < LEAK_BOUND,
+      `realtime: ${clock} should take in the host's ${hostPauseNs} ns pause: ${describePause(seen)}`,
+    );
+  }
+  // Let the watchdog look: its timer runs every 2/5 of the threshold.
+  await sleep(scaled(WATCHDOG_THRESH * 1000));
+  assertClean(v.serial, 'realtime stop/cont');
+  await quit(v);
+});
+
+test('Linux, policy=realtime without KVMCLOCK_CTRL (-x-no-kvmclock-ctrl): the soft-lockup watchdog fires', {
+  timeout: scaled(BOOT_MS + 60_000),
+}, async (t) => {
+  if (!requireKvm(t)) return;
+  const scope = new ProcessScope(t);
+  const dir = scope.tempDir();
+  const v = await bootClockGuest(t, scope, dir, 'noctrl', [
+    '-global',
+    'kvmclock.policy=realtime',
+    '-x-no-kvmclock-ctrl',
+  ]);
+  const { seen } = await stopAndCont(v);
+  t.diagnostic(`realtime stop/cont without CTRL: ${describePause(seen)}`);
+  assert.ok(seen.beyond.monotonic > BigInt(PAUSE_MS - 500) * MS, describePause(seen));
+  await waitFor(
+    'a soft-lockup splat',
+    () => report(v.serial).splats.some((s) => /soft lockup/.test(s)),
+    scaled(10_000),
+  );
+  const splat = report(v.serial).splats.find((s) => /soft lockup/.test(s))!;
+  t.diagnostic(`without CTRL the guest said: ${splat}`);
+  assert.deepEqual(report(v.serial).backwards, [], 'still never backwards');
+  await quit(v);
+});
