@@ -6,7 +6,9 @@ import { existsSync } from 'node:fs';
 
 const entry = new URL('../dist/tools/guest-image/main.js', import.meta.url);
 if (!existsSync(entry)) {
-  console.error('build-guest: dist/tools/guest-image/main.js is missing; run `npm run build` first');
+  console.error(
+    'build-guest: dist/tools/guest-image/main.js is missing; run `npm run build` first',
+  );
   process.exit(1);
 }
 const { main } = await import(entry.href);

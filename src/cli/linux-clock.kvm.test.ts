@@ -23,7 +23,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { requireKvm } from '../test-support/kvm.js';
+import { requireFullKvm } from '../test-support/kvm.js';
 import { waitFor } from '../test-support/machine.js';
 import { scaled, TIME_SCALE } from '../test-support/time-scale.js';
 import {
@@ -189,7 +189,7 @@ async function bootClockGuest(
 test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invisible to its clocks', {
   timeout: scaled(BOOT_MS * 2 + 120_000),
 }, async (t) => {
-  if (!requireKvm(t)) return;
+  if (!requireFullKvm(t)) return;
   const scope = new ProcessScope(t);
   const dir = scope.tempDir();
   const src = await bootClockGuest(t, scope, dir, 'src', []);
@@ -245,7 +245,7 @@ test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invis
 test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL keeps the watchdog quiet', {
   timeout: scaled(BOOT_MS + 60_000),
 }, async (t) => {
-  if (!requireKvm(t)) return;
+  if (!requireFullKvm(t)) return;
   const scope = new ProcessScope(t);
   const dir = scope.tempDir();
   const v = await bootClockGuest(t, scope, dir, 'rt', ['-global', 'kvmclock.policy=realtime']);
@@ -269,7 +269,7 @@ test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL
 test('Linux, policy=realtime without KVMCLOCK_CTRL (-x-no-kvmclock-ctrl): the soft-lockup watchdog fires', {
   timeout: scaled(BOOT_MS + 60_000),
 }, async (t) => {
-  if (!requireKvm(t)) return;
+  if (!requireFullKvm(t)) return;
   const scope = new ProcessScope(t);
   const dir = scope.tempDir();
   const v = await bootClockGuest(t, scope, dir, 'noctrl', [

@@ -58,3 +58,13 @@ function vendorHint(): string {
     ? `; vendor modules present but not bound: ${vendors.join(', ')}`
     : '; no kvm vendor module';
 }
+
+/**
+ * Whether this host's KVM is PVM-backed (kvm_pvm, no VMX or SVM module):
+ * there Linux guests get only through early boot (see kvm-from-node.md),
+ * so tests that boot Linux fully ask for hardware KVM instead.
+ */
+export function kvmIsPvm(): boolean {
+  const has = (m: string) => existsSync(`/sys/module/${m}`);
+  return has('kvm_pvm') && !has('kvm_intel') && !has('kvm_amd');
+}
