@@ -1,0 +1,302 @@
+#!/usr/bin/env node
+// bench/linux-clock: what a Linux guest's own clocks show of a 5 s stop/cont
+// and of save -> 5 s -> restore, tsvmm (policy freeze and realtime) against
+// QEMU (Debian's qemu-system-x86, installed here if missing), both booting
+// Debian's cloud kernel with the guest image's clock reporter as /script
+// (guests/clock-reporter: CLOCK_REALTIME, MONOTONIC, MONOTONIC_RAW and
+// BOOTTIME every 100 ms, backwards steps and watchdog splats).
+//
+// For each pause it reports the step each clock took between the last
+// sample before and the first after, beyond the reporter's intervals (0 for
+// a clock frozen across the pause, the pause itself for one that follows the
+// host), how far the guest's realtime fell behind the host's, and any
+// backwards step or soft-lockup/RCU-stall splat (watchdog_thresh=1).
+//
+// Needs the guest image (`node scripts/build-guest.mjs`) and hardware KVM;
+// without it, run it in the VM runner:
+//   ../shared/tools/kvm-vm/run --smp 1 -- node bench/linux-clock.mjs
+//
+// Usage: npm run bench -- linux-clock [--pause SECONDS] [--smp N] [--timeout SECONDS]
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { QmpClient } from '../dist/monitor/qmp-client.js';
+import { buildGuestImage, CLOCK_REPORTER_PATH } from '../dist/tools/guest-image/build.js';
+import { largestStep, parseClockReport } from '../dist/tools/guest-image/clock-report.js';
+import { buildInitramfs } from '../dist/tools/guest-image/initramfs.js';
+import { defaultGuestCacheDir } from '../dist/tools/guest-image/main.js';
+import { probeKvmHost } from '../dist/util/kvm-gate.js';
+import {
+  BenchError,
+  collectTail,
+  ensureQemu,
+  makeTempDir,
+  qemuVersion,
+  root,
+  runBench,
+  sleep,
+  spawnTracked,
+  stopChild,
+  table,
+  withTimeout,
+} from './lib/common.mjs';
+
+const INTERVAL_MS = 100;
+const MS = 1_000_000n;
+const CLOCKS = ['realtime', 'monotonic', 'raw', 'boottime'];
+
+await runBench('linux-clock', async () => {
+  const { values } = parseArgs({
+    options: {
+      pause: { type: 'string', default: '5' },
+      smp: { type: 'string', default: '2' },
+      timeout: { type: 'string', default: '600' },
+    },
+    strict: true,
+  });
+  const pauseMs = Number(values.pause) * 1000;
+  const timeoutMs = Number(values.timeout) * 1000;
+  if (!(pauseMs > 0)) throw new BenchError(`--pause ${values.pause}: give seconds > 0`);
+  if (!(timeoutMs > 0)) throw new BenchError(`--timeout ${values.timeout}: give seconds > 0`);
+  const host = probeKvmHost();
+  if (!host.usable) throw new BenchError(`cannot run: ${host.reason}`);
+
+  const cache = defaultGuestCacheDir();
+  const built = await buildGuestImage({ outDir: cache, cachedOnly: true }).catch((err) => {
+    throw new BenchError(err.message);
+  });
+  const dir = makeTempDir('tsvmm-bench-linux-clock-');
+  const initrd = join(dir, 'clock.cpio');
+  writeFileSync(
+    initrd,
+    buildInitramfs({
+      busybox: readFileSync(join(cache, 'busybox')),
+      clockReporter: readFileSync(CLOCK_REPORTER_PATH),
+      script: Buffer.from(`exec clock-reporter ${INTERVAL_MS}\n`),
+    }),
+  );
+  const qemu = ensureQemu('linux-clock');
+  const append = 'console=ttyS0 quiet watchdog_thresh=1';
+  const common = ['-smp', values.smp, '-m', '512M', '-initrd', initrd, '-append', append];
+  const tsvmm = (extra) => ({
+    command: process.execPath,
+    args: [
+      join(root, 'dist/cli/main.js'),
+      '-kernel',
+      built.vmlinux ?? built.vmlinuz,
+      ...common,
+      ...extra,
+    ],
+    fileUri: (path) => `file:${path}`,
+  });
+  const vmms = [
+    { label: 'tsvmm freeze', ...tsvmm([]) },
+    { label: 'tsvmm realtime', ...tsvmm(['-global', 'kvmclock.policy=realtime']) },
+    {
+      label: `QEMU ${qemuVersion(qemu)}`,
+      command: qemu,
+      // QEMU 7.2 has no file: migration; exec: with cat writes the same stream.
+      args: [
+        '-accel',
+        'kvm',
+        '-cpu',
+        'host',
+        '-M',
+        'pc',
+        '-nodefaults',
+        '-no-user-config',
+        '-display',
+        'none',
+        '-kernel',
+        built.vmlinuz,
+        ...common,
+      ],
+      fileUri: (path) => `exec:cat > ${path}`,
+      incomingUri: (path) => `exec:cat ${path}`,
+    },
+  ];
+  const rows = [];
+  for (const vmm of vmms) {
+    const result = await measure(vmm, dir, pauseMs, timeoutMs);
+    console.error(
+      `linux-clock: ${vmm.label}: ${JSON.stringify(result, (_k, v) => (typeof v === 'bigint' ? String(v) : v))}`,
+    );
+    rows.push({ vmm, result });
+  }
+  report(rows, pauseMs);
+});
+
+/** One VMM: boot, stop/cont, save -> pause -> restore. */
+async function measure(vmm, dir, pauseMs, timeoutMs) {
+  const tag = vmm.label.replace(/\W+/g, '-');
+  const src = await start(vmm, dir, `${tag}-src`, [], timeoutMs);
+  try {
+    await waitSample(src, 10, timeoutMs);
+    const stop = await stopCont(src, pauseMs);
+    const saved = join(dir, `${tag}.state`);
+    await src.qmp.execute('migrate', { uri: vmm.fileUri(saved) });
+    await waitMigrated(src.qmp, timeoutMs);
+    const before = lastSample(src);
+    await src.qmp.execute('quit');
+    await withTimeout(stopChild(src.child, { signal: 0, graceMs: 20_000 }), 30_000, 'quit');
+    const quitAt = process.hrtime.bigint();
+    await sleep(pauseMs);
+    const incoming = vmm.incomingUri ? vmm.incomingUri(saved) : vmm.fileUri(saved);
+    const dst = await start(vmm, dir, `${tag}-dst`, ['-incoming', incoming], timeoutMs);
+    try {
+      await waitStatus(dst.qmp, 'running', timeoutMs);
+      const runningAt = process.hrtime.bigint();
+      await waitSample(dst, before.n + 5, timeoutMs);
+      const after = parseClockReport(readFileSync(dst.serial, 'utf8')).samples.find(
+        (s) => s.n > before.n,
+      );
+      const restore = { ...stepOf(before, after), hostNs: runningAt - quitAt, ...health(dst) };
+      return { stop: { ...stop, ...health(src) }, restore };
+    } finally {
+      await closeVm(dst);
+    }
+  } finally {
+    await closeVm(src);
+  }
+}
+
+async function start(vmm, dir, name, extra, timeoutMs) {
+  const serial = join(dir, `${name}.serial`);
+  const sock = join(dir, `${name}.qmp`);
+  const child = spawnTracked(
+    vmm.command,
+    [...vmm.args, '-serial', `file:${serial}`, '-qmp', `unix:${sock},server=on,wait=off`, ...extra],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  const err = collectTail(child.stderr);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (existsSync(sock)) {
+      try {
+        const qmp = await QmpClient.connect({ path: sock });
+        await qmp.greeting();
+        await qmp.execute('qmp_capabilities');
+        return { child, qmp, serial, err };
+      } catch {
+        // not listening yet
+      }
+    }
+    if (child.exitCode !== null) throw new BenchError(`${vmm.label} exited: ${err.text}`);
+    if (Date.now() > deadline) throw new BenchError(`${vmm.label}: no QMP socket`);
+    await sleep(50);
+  }
+}
+
+async function closeVm(vm) {
+  vm.qmp.close();
+  await stopChild(vm.child);
+}
+
+function lastSample(vm) {
+  return parseClockReport(existsSync(vm.serial) ? readFileSync(vm.serial, 'utf8') : '').samples.at(
+    -1,
+  );
+}
+
+async function waitSample(vm, n, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while ((lastSample(vm)?.n ?? 0) < n) {
+    if (Date.now() > deadline)
+      throw new BenchError(`no clock sample ${n}: ${readFileSync(vm.serial, 'utf8').slice(-1500)}`);
+    await sleep(50);
+  }
+}
+
+async function waitStatus(qmp, status, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while ((await qmp.execute('query-status')).status !== status) {
+    if (Date.now() > deadline) throw new BenchError(`status never became ${status}`);
+    await sleep(50);
+  }
+}
+
+async function waitMigrated(qmp, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const m = await qmp.execute('query-migrate');
+    if (m.status === 'completed') return;
+    if (m.status === 'failed') throw new BenchError(`migration failed: ${m['error-desc'] ?? ''}`);
+    if (Date.now() > deadline) throw new BenchError('migration did not complete');
+    await sleep(50);
+  }
+}
+
+async function stopCont(vm, pauseMs) {
+  const stopSent = process.hrtime.bigint();
+  await vm.qmp.execute('stop');
+  const stopped = process.hrtime.bigint();
+  // Lines written before the stop may still be on their way: the pause is
+  // the largest step among the samples around it.
+  const near = lastSample(vm);
+  await sleep(pauseMs);
+  const contSent = process.hrtime.bigint();
+  await vm.qmp.execute('cont');
+  const contDone = process.hrtime.bigint();
+  await waitSample(vm, near.n + 8, 120_000);
+  const window = parseClockReport(readFileSync(vm.serial, 'utf8')).samples.filter(
+    (s) => s.n >= near.n - 3 && s.n <= near.n + 8,
+  );
+  const { before, after } = largestStep(window, 'monotonic');
+  return { ...stepOf(before, after), hostNs: (contSent - stopped + (contDone - stopSent)) / 2n };
+}
+
+/** Each clock's step between two samples beyond the reporter's intervals. */
+function stepOf(before, after) {
+  const intervals = BigInt(after.n - before.n) * BigInt(INTERVAL_MS) * MS;
+  return Object.fromEntries(CLOCKS.map((c) => [c, after[c] - before[c] - intervals]));
+}
+
+function health(vm) {
+  const r = parseClockReport(readFileSync(vm.serial, 'utf8'));
+  return { backwards: r.backwards.length, splats: r.splats.length };
+}
+
+function report(rows, pauseMs) {
+  const ms = (ns) => (Number(ns) / 1e6).toFixed(1);
+  const lines = [
+    [
+      'VMM',
+      'pause',
+      'host ms',
+      'realtime +ms',
+      'monotonic +ms',
+      'raw +ms',
+      'guest behind host ms',
+      'backwards',
+      'splats',
+    ],
+  ];
+  for (const { vmm, result } of rows) {
+    for (const [what, r] of [
+      [`stop ${pauseMs / 1000} s, cont`, result.stop],
+      [`save, ${pauseMs / 1000} s, restore`, result.restore],
+    ]) {
+      lines.push([
+        vmm.label,
+        what,
+        ms(r.hostNs),
+        ms(r.realtime),
+        ms(r.monotonic),
+        ms(r.raw),
+        ms(r.hostNs - r.realtime),
+        String(r.backwards),
+        String(r.splats),
+      ]);
+    }
+  }
+  console.log(table(lines, (col) => col >= 2));
+  const fields = rows.flatMap(({ vmm, result }) => {
+    const k = vmm.label.startsWith('QEMU') ? 'qemu' : vmm.label.replace(' ', '_');
+    return [
+      `${k}_stop_behind_ms=${ms(result.stop.hostNs - result.stop.realtime)}`,
+      `${k}_restore_behind_ms=${ms(result.restore.hostNs - result.restore.realtime)}`,
+      `${k}_splats=${result.stop.splats + result.restore.splats}`,
+    ];
+  });
+  console.log(`RESULT ${fields.join(' ')}`);
+}
