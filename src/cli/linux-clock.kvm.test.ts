@@ -2,7 +2,7 @@
  * Linux's own view of time across the seed's lifecycle: Debian's cloud
  * kernel with the guest image's clock reporter (guests/clock-reporter)
  * printing CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_MONOTONIC_RAW (kvm-clock)
- * and CLOCK_BOOTTIME every 100 ms, plus any backwards step and any
+ * and CLOCK_BOOTTIME every 100 ms (1 s under emulation), plus any backwards step and any
  * soft-lockup or RCU-stall record of the kernel log.
  *
  * Across a 5 s stop/cont and across save -> 5 s -> restore:
@@ -39,17 +39,26 @@ import {
 } from '../test-support/tsvmm-process.js';
 import { buildGuestImage, CLOCK_REPORTER_PATH } from '../tools/guest-image/build.js';
 import {
-  type ClockSample,
-  largestStep,
+  CLOCK_NAMES,
+  type PauseSeen,
   parseClockReport,
+  pauseAround,
 } from '../tools/guest-image/clock-report.js';
 import { buildInitramfs } from '../tools/guest-image/initramfs.js';
 import { defaultGuestCacheDir } from '../tools/guest-image/main.js';
 
 const CPUS = 2;
-const INTERVAL_MS = 100;
+/**
+ * The reporter's period: 100 ms on a KVM host. Under emulation the UART
+ * drains about 400 bytes/s (a few exits per byte, each slow), less than the
+ * 1,000 bytes/s ten lines a second make, so the console fell minutes
+ * behind the guest and a stop's step showed up far from where the test
+ * looked; there it prints once a second, which the UART keeps up with.
+ */
+const INTERVAL_MS = TIME_SCALE > 1 ? 1000 : 100;
 const PAUSE_MS = 5_000;
 const MS = 1_000_000n;
+const INTERVAL_NS = BigInt(INTERVAL_MS) * MS;
 /** Boot to the reporter's first lines: seconds on a host, minutes emulated. */
 const BOOT_MS = 60_000;
 /** The soft-lockup window is twice this. */
@@ -133,34 +142,6 @@ async function quit({ vm, qmp }: QmpVm): Promise<void> {
   assert.deepEqual(exit, { code: 0, signal: null }, vm.stderr);
 }
 
-/**
- * How the guest saw a pause: between the last sample before it and the
- * first after, each clock's step less the reporter's intervals in between.
- * A frozen clock shows about 0; one that follows the host shows the pause.
- */
-interface PauseSeen {
-  before: ClockSample;
-  after: ClockSample;
-  /** Per clock: the step beyond the reporter's own intervals, in ns. */
-  beyond: { realtime: bigint; monotonic: bigint; raw: bigint; boottime: bigint };
-}
-
-function pauseSeen(before: ClockSample, after: ClockSample): PauseSeen {
-  const intervals = BigInt(after.n - before.n) * BigInt(INTERVAL_MS) * MS;
-  const step = (k: 'realtime' | 'monotonic' | 'raw' | 'boottime') =>
-    after[k] - before[k] - intervals;
-  return {
-    before,
-    after,
-    beyond: {
-      realtime: step('realtime'),
-      monotonic: step('monotonic'),
-      raw: step('raw'),
-      boottime: step('boottime'),
-    },
-  };
-}
-
 function describePause(p: PauseSeen): string {
   const ms = (v: bigint) => (Number(v) / 1e6).toFixed(1);
   return `samples ${p.before.n} -> ${p.after.n}: beyond the interval realtime ${ms(p.beyond.realtime)} ms, monotonic ${ms(p.beyond.monotonic)} ms, raw ${ms(p.beyond.raw)} ms, boottime ${ms(p.beyond.boottime)} ms`;
@@ -191,15 +172,14 @@ async function stopAndCont(v: QmpVm): Promise<{ seen: PauseSeen; hostPauseNs: bi
   await waitSample(v.serial, near.n + 8, scaled(5_000));
   // The guest saw the pause, if at all, as the step between two samples
   // around it: the largest step of the window is the one that spans it.
-  const window = report(v.serial).samples.filter((s) => s.n >= near.n - 3 && s.n <= near.n + 8);
-  const step = largestStep(window, 'monotonic');
-  assert.ok(step, `samples around ${near.n}`);
+  const seen = pauseAround(report(v.serial).samples, near.n - 3, near.n + 8, INTERVAL_NS);
+  assert.ok(seen, `samples around ${near.n}`);
   // The host's pause is bracketed by what the test saw: from the stop's
   // reply to the cont's request at least, from the stop's request to the
   // cont's reply at most. The middle is the figure reported.
   const low = contSent - stopped;
   const high = contDone - stopSent;
-  return { seen: pauseSeen(step.before, step.after), hostPauseNs: (low + high) / 2n };
+  return { seen, hostPauseNs: (low + high) / 2n };
 }
 
 /** Boots Linux with the reporter under `extra` options and waits for its first samples. */
@@ -235,7 +215,7 @@ test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invis
   t.diagnostic(
     `freeze stop/cont, host paused ${Number(hostPauseNs / MS)} ms: ${describePause(seen)}`,
   );
-  for (const clock of ['realtime', 'monotonic', 'raw', 'boottime'] as const) {
+  for (const clock of CLOCK_NAMES) {
     assert.ok(
       seen.beyond[clock] < LEAK_BOUND,
       `freeze: ${clock} took in the pause: ${describePause(seen)}`,
@@ -244,7 +224,10 @@ test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invis
   assertClean(src.serial, 'freeze stop/cont');
   await assertSanitizerSilent(src, 'freeze stop/cont');
 
-  // save -> 5 s -> restore, on a second process.
+  // stop -> save -> 5 s -> restore -> cont, on a second process: the
+  // issue's flow. Stopped first, the guest does not run (slowly, under
+  // emulation) through the save, so what is measured is the pause alone.
+  await within(src.qmp.execute('stop'), 'stop');
   const saved = join(dir, 'vm.state');
   await within(src.qmp.execute('migrate', { uri: `file:${saved}` }), 'migrate');
   const deadline = performance.now() + scaled(60_000);
@@ -252,25 +235,33 @@ test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invis
     assert.ok(performance.now() < deadline, 'the save finishes');
     await sleep(50);
   }
-  const before = report(src.serial).samples.at(-1)!;
   await quit(src);
+  const near = report(src.serial).samples.at(-1)!;
   const savedAt = process.hrtime.bigint();
   await sleep(PAUSE_MS);
   const guest = await clockGuest(dir);
   const dst = await startWithQmp(scope, dir, 'dst', [
-    ...linuxArgs(guest, []),
+    ...linuxArgs(guest, ['-S']),
     '-incoming',
     `file:${saved}`,
   ]);
-  await waitRunning(dst.qmp);
+  const loadDeadline = performance.now() + scaled(60_000);
+  // -S: the restored VM waits in `paused` for the cont.
+  while ((await queryStatus(dst.qmp)).status !== 'paused') {
+    assert.ok(performance.now() < loadDeadline, 'the restore finishes, paused');
+    await sleep(50);
+  }
+  await within(dst.qmp.execute('cont'), 'cont');
   const hostGapNs = process.hrtime.bigint() - savedAt;
-  await waitSample(dst.serial, before.n + 5, scaled(10_000));
-  const after = report(dst.serial).samples.find((s) => s.n > before.n)!;
-  const restored = pauseSeen(before, after);
+  await waitSample(dst.serial, near.n + 8, scaled(10_000));
+  // A restored guest may first finish lines it wrote before the save.
+  const samples = [...report(src.serial).samples, ...report(dst.serial).samples];
+  const restored = pauseAround(samples, near.n - 3, near.n + 8, INTERVAL_NS);
+  assert.ok(restored, `samples around ${near.n}`);
   t.diagnostic(
-    `freeze save -> ${PAUSE_MS} ms -> restore, ${Number(hostGapNs / MS)} ms from quit to running: ${describePause(restored)}`,
+    `freeze save -> ${PAUSE_MS} ms -> restore, ${Number(hostGapNs / MS)} ms from quit to cont: ${describePause(restored)}`,
   );
-  for (const clock of ['realtime', 'monotonic', 'raw', 'boottime'] as const) {
+  for (const clock of CLOCK_NAMES) {
     assert.ok(
       restored.beyond[clock] < LEAK_BOUND,
       `freeze restore: ${clock} took in the pause: ${describePause(restored)}`,
@@ -293,10 +284,12 @@ test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL
   t.diagnostic(
     `realtime stop/cont, host paused ${Number(hostPauseNs / MS)} ms: ${describePause(seen)}; kvmclock's last start: ${JSON.stringify((q as { 'last-start'?: unknown })['last-start'])}`,
   );
-  for (const clock of ['realtime', 'monotonic', 'raw', 'boottime'] as const) {
+  for (const clock of CLOCK_NAMES) {
+    // A clock that jumps past the reporter's next deadline wakes it at
+    // once, so the step shows the pause less up to one interval.
     const off = seen.beyond[clock] - hostPauseNs;
     assert.ok(
-      off > -LEAK_BOUND && off < LEAK_BOUND,
+      off > -LEAK_BOUND - INTERVAL_NS && off < LEAK_BOUND,
       `realtime: ${clock} should take in the host's ${hostPauseNs} ns pause: ${describePause(seen)}`,
     );
   }

@@ -56,32 +56,58 @@ export function parseClockReport(text: string): ClockReport {
   return report;
 }
 
-/** The largest step between consecutive samples of one clock, and where it was. */
-export interface ClockStep {
-  /** The sample before the step. */
+/** The four clocks of a sample. */
+export type ClockName = 'realtime' | 'monotonic' | 'raw' | 'boottime';
+export const CLOCK_NAMES: readonly ClockName[] = ['realtime', 'monotonic', 'raw', 'boottime'];
+
+/**
+ * How the guest saw a pause: two successive samples and, per clock, the
+ * step between them beyond the reporter's own intervals (after.n − before.n
+ * of them). A clock frozen across the pause shows about 0 there; one that
+ * followed the host shows the pause, less up to one interval (a clock that
+ * jumps past the reporter's next deadline wakes it at once).
+ */
+export interface PauseSeen {
   before: ClockSample;
-  /** The sample after it. */
   after: ClockSample;
-  /** after − before on the chosen clock, in nanoseconds. */
-  stepNs: bigint;
+  beyond: Record<ClockName, bigint>;
+}
+
+/** The step from `before` to `after` beyond `intervalNs` per sample between them. */
+export function pauseBetween(
+  before: ClockSample,
+  after: ClockSample,
+  intervalNs: bigint,
+): PauseSeen {
+  const intervals = BigInt(after.n - before.n) * intervalNs;
+  const beyond = Object.fromEntries(
+    CLOCK_NAMES.map((c) => [c, after[c] - before[c] - intervals]),
+  ) as Record<ClockName, bigint>;
+  return { before, after, beyond };
 }
 
 /**
- * The largest forward step of `clock` between consecutive samples (by
- * sequence number) among `samples`: across a pause, that is the step the
- * guest saw the pause as.
+ * The pause among the samples numbered `fromN`..`toN`: the pair of
+ * successive samples (by number; a sample lost to a torn line is skipped
+ * over) whose monotonic step goes furthest beyond the intervals. Where the
+ * console lags the guest, or a restored guest finishes lines it wrote
+ * before the save, the pause is not where the last line seen at the stop
+ * suggests, but it is the largest step around it.
  */
-export function largestStep(
+export function pauseAround(
   samples: readonly ClockSample[],
-  clock: 'realtime' | 'monotonic' | 'raw' | 'boottime',
-): ClockStep | undefined {
-  let best: ClockStep | undefined;
-  for (let i = 1; i < samples.length; i++) {
-    const before = samples[i - 1]!;
-    const after = samples[i]!;
-    if (after.n !== before.n + 1) continue;
-    const stepNs = after[clock] - before[clock];
-    if (!best || stepNs > best.stepNs) best = { before, after, stepNs };
+  fromN: number,
+  toN: number,
+  intervalNs: bigint,
+): PauseSeen | undefined {
+  const window = [...samples]
+    .filter((s) => s.n >= fromN && s.n <= toN)
+    .sort((a, b) => a.n - b.n)
+    .filter((s, i, all) => i === 0 || s.n !== all[i - 1]!.n);
+  let best: PauseSeen | undefined;
+  for (let i = 1; i < window.length; i++) {
+    const seen = pauseBetween(window[i - 1]!, window[i]!, intervalNs);
+    if (!best || seen.beyond.monotonic > best.beyond.monotonic) best = seen;
   }
   return best;
 }

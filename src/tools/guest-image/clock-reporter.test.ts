@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { CLOCK_REPORTER_PATH } from './build.js';
-import { largestStep, parseClockReport } from './clock-report.js';
+import { parseClockReport, pauseAround, pauseBetween } from './clock-report.js';
 
 const dir = fileURLToPath(new URL('../../../guests/clock-reporter/', import.meta.url));
 
@@ -57,6 +57,18 @@ test('clock-reporter takes a malformed interval as the default 100 ms', () => {
   assert.ok(a && b && b.monotonic - a.monotonic >= 50_000_000n);
 });
 
+test("pauseBetween subtracts the reporter's intervals, across a lost sample too", () => {
+  const at = (n: number, mono: bigint) => ({
+    n,
+    realtime: mono,
+    monotonic: mono,
+    raw: mono,
+    boottime: mono,
+  });
+  const seen = pauseBetween(at(10, 1_000_000_000n), at(13, 8_300_000_000n), 100_000_000n);
+  assert.equal(seen.beyond.monotonic, 7_000_000_000n, '7.3 s less three 100 ms intervals');
+});
+
 test('parseClockReport reads samples, backwards steps, splats and the end, and skips torn lines', () => {
   const text = [
     '[   12.5] some kernel line',
@@ -78,8 +90,10 @@ test('parseClockReport reads samples, backwards steps, splats and the end, and s
   assert.equal(report.backwards.length, 1);
   assert.match(report.splats[0]!, /soft lockup/);
   assert.deepEqual(report.end, { backwards: 1, splats: 1 });
-  // Steps are only taken between consecutive sequence numbers.
-  assert.equal(largestStep(report.samples, 'monotonic')?.stepNs, 5100n);
-  assert.equal(largestStep(report.samples, 'realtime')?.stepNs, 100n);
-  assert.equal(largestStep([], 'raw'), undefined);
+  // The pause is the pair that goes furthest beyond the intervals (100 ns here).
+  const pause = pauseAround(report.samples, 1, 4, 100n);
+  assert.deepEqual([pause?.before.n, pause?.after.n], [3, 4]);
+  assert.equal(pause?.beyond.monotonic, 5000n);
+  assert.equal(pause?.beyond.realtime, 0n);
+  assert.equal(pauseAround(report.samples, 5, 9, 100n), undefined, 'no pair in the window');
 });
