@@ -1,8 +1,8 @@
-#!/usr/bin/env node
 /**
- * tsvmm's entry point, QEMU's main → qemu_init → qemu_main_loop →
- * qemu_cleanup: parse the options, build the machine, start the monitors,
- * start the VM (unless -S), run the main loop, and clean up on quit.
+ * tsvmm's main, loaded by the entry point (main.ts): QEMU's main →
+ * qemu_init → qemu_main_loop → qemu_cleanup: parse the options, build the
+ * machine, start the monitors, start the VM (unless -S), run the main
+ * loop, and clean up on quit.
  */
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { CLOCK_REALTIME, clockGettimeNs, exitImmediately } from '../accel/kvm/ffi.js';
@@ -324,8 +324,11 @@ async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
-ignoreStdioErrors();
-process.exitCode = await main(process.argv.slice(2));
-// The vCPU threads, sockets and files are closed by now; leave even if a
-// stray handle (a TTY in raw mode, say) would keep Node's loop alive.
-process.exit();
+/** Runs tsvmm with the command line `argv` (without node and the script) and exits with its status. */
+export async function runTsvmm(argv: readonly string[]): Promise<never> {
+  ignoreStdioErrors();
+  process.exitCode = await main(argv);
+  // The vCPU threads, sockets and files are closed by now; leave even if a
+  // stray handle (a TTY in raw mode, say) would keep Node's loop alive.
+  process.exit();
+}
