@@ -8,6 +8,7 @@
 // KVM_RUN, and the guest's own boot up to its ready line.
 //
 // Usage: node scripts/boot-phases.mjs [--smp N] [--keep FILE] [-- EXTRA TSVMM ARGS]
+//        node scripts/boot-phases.mjs --from FILE   (a trace kept with --keep)
 // Needs strace and /dev/kvm. strace's stops make every landmark late; read
 // the phases as shares, and take the totals from `npm run bench -- boot`.
 import { spawn } from 'node:child_process';
@@ -23,11 +24,16 @@ const { values, positionals } = parseArgs({
     smp: { type: 'string', default: '1' },
     mem: { type: 'string', default: '256M' },
     keep: { type: 'string' },
+    from: { type: 'string' },
     timeout: { type: 'string', default: '120' },
   },
   allowPositionals: true,
 });
 
+if (values.from) {
+  report(readFileSync(values.from, 'utf8'), undefined);
+  process.exit(0);
+}
 const dir = mkdtempSync(join(tmpdir(), 'boot-phases-'));
 const traceFile = join(dir, 'strace.txt');
 const tsvmmArgs = [
@@ -153,10 +159,13 @@ function report(text, wallMs) {
     ['the ready line is written (serial, fd 1)', readyWrite(events)],
   ];
   console.log('boot phases: strace -f -tt -T --seccomp-bpf, time since the execve');
-  console.log(`  ${process.execPath} ${tsvmmArgs.join(' ')}`);
+  const execve = /^execve\("[^"]*", \[(.*?)\]/.exec(events[0].rest);
+  if (execve) console.log(`  ${execve[1].replaceAll('"', '').replaceAll(', ', ' ')}`);
   const width = Math.max(...marks.map(([label]) => label.length));
   for (const [label, e] of marks) console.log(`  ${label.padEnd(width)}  ${at(e).padStart(10)}`);
-  console.log(`  (spawn to the ready line as the parent saw it: ${wallMs.toFixed(1)} ms)`);
+  if (wallMs !== undefined) {
+    console.log(`  (spawn to the ready line as the parent saw it: ${wallMs.toFixed(1)} ms)`);
+  }
   const count = (re) => events.filter((e) => re.test(e.rest)).length;
   console.log(
     `  syscalls stopped at: ${count(/^openat\(/)} openat (${count(/^openat\(.*\.js"/)} of .js files), ${count(/^ioctl\(.*KVM_/)} KVM ioctls, ${count(/^clone3\(/)} clone3, ${count(/^write\(/)} write`,
