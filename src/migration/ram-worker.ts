@@ -10,6 +10,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { currentTraceConfig, type TraceConfig } from '../trace/control.js';
+import { distUrl } from '../util/dist-path.js';
 import type { NativeRamLayout } from './guest-memory-ram.js';
 import type { ByteSink } from './qemu-file.js';
 import type { RamPageSelection } from './ram.js';
@@ -69,7 +70,7 @@ export interface WorkerStreamWriterOptions {
   readonly chunkPages?: number;
 }
 
-const WORKER_URL = new URL('./migration-worker.js', import.meta.url);
+const WORKER_URL = distUrl('migration/migration-worker.js');
 
 function toWire(sel: readonly RamPageSelection[] | undefined): WireSelection[] | undefined {
   return sel?.map((s) => ({ block: s.block, pages: Float64Array.from(s.pages) }));

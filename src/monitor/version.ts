@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { distUrl } from '../util/dist-path.js';
 import type { JsonObject } from './json-value.js';
 
 /** query-version's answer, also the greeting's `version` member. */
@@ -14,12 +15,17 @@ export interface QmpVersionInfo extends JsonObject {
  */
 export const QEMU_COMPAT_VERSION = { major: 9, minor: 2, micro: 0 } as const;
 
-/** tsvmm's own version, from package.json ("0.0.0" if it cannot be read). */
+let cachedVersion: string | undefined;
+
+/** tsvmm's own version, from package.json ("0.0.0" if it cannot be read); read once. */
 export function tsvmmVersion(): string {
+  cachedVersion ??= readVersion();
+  return cachedVersion;
+}
+
+function readVersion(): string {
   try {
-    // dist/monitor/version.js -> package.json two levels up.
-    const url = new URL('../../package.json', import.meta.url);
-    const parsed: unknown = JSON.parse(readFileSync(url, 'utf8'));
+    const parsed: unknown = JSON.parse(readFileSync(distUrl('../package.json'), 'utf8'));
     if (typeof parsed === 'object' && parsed !== null && 'version' in parsed) {
       const { version } = parsed;
       if (typeof version === 'string') return version;

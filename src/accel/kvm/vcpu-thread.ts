@@ -8,12 +8,7 @@
  * MessagePort; a kick (KICK_SIGNAL, unblocked only inside KVM_RUN) makes
  * KVM_RUN return so the loop looks at its requests.
  */
-import {
-  type MessagePort,
-  parentPort,
-  receiveMessageOnPort,
-  workerData,
-} from 'node:worker_threads';
+import { type MessagePort, parentPort, receiveMessageOnPort } from 'node:worker_threads';
 import { type VcpuDevicePlan, VcpuDevices } from '../../hw/vcpu-devices.js';
 import { installTraceConfig, type TraceConfig, traceEvent } from '../../trace/control.js';
 import { TsvmmError } from '../../util/errors.js';
@@ -47,6 +42,12 @@ import {
 import { describeVcpuRegisters, runVcpuOp, type VcpuOpContext } from './vcpu-ops.js';
 import { KvmVm } from './vm.js';
 
+/** The first message a vCPU thread gets: the vCPU it runs (its work port transferred with it). */
+export interface VcpuThreadInit {
+  type: 'init';
+  data: VcpuThreadData;
+}
+
 /** What the main thread hands a new vCPU thread. */
 export interface VcpuThreadData {
   index: number;
@@ -66,9 +67,14 @@ export interface VcpuThreadData {
   ignoreKicks?: boolean;
 }
 
-const data = workerData as VcpuThreadData;
-const ctl = new Int32Array(data.control);
 const port = parentPort!;
+// The thread may be started before its vCPU exists (prestartVcpuWorkers:
+// Node's start and the loading of this module overlap with the main
+// thread's own start-up), so what it runs comes in its first message.
+const data = await new Promise<VcpuThreadData>((resolve) => {
+  port.once('message', (message: VcpuThreadInit) => resolve(message.data));
+});
+const ctl = new Int32Array(data.control);
 installTraceConfig(data.trace, `vcpu${data.index}`);
 const traceExit = traceEvent('kvm_run_exit');
 const traceWork = traceEvent('process_queued_cpu_work');

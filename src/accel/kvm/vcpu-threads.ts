@@ -7,7 +7,7 @@
  * never hangs: each thread is asked to exit and kicked out of KVM_RUN, and
  * returns by itself (worker.terminate() would hang inside KVM_RUN).
  */
-import { MessageChannel, Worker } from 'node:worker_threads';
+import { MessageChannel, type Worker } from 'node:worker_threads';
 import type { VcpuDevicePlan } from '../../hw/vcpu-devices.js';
 import type { CpuController } from '../../system/cpus.js';
 import { currentTraceConfig, traceEvent } from '../../trace/control.js';
@@ -27,7 +27,8 @@ import {
   type VcpuMessage,
   type VcpuWorkRequest,
 } from './vcpu-control.js';
-import type { VcpuThreadData } from './vcpu-thread.js';
+import { takeVcpuWorker } from './vcpu-prestart.js';
+import type { VcpuThreadData, VcpuThreadInit } from './vcpu-thread.js';
 import type { KvmVm } from './vm.js';
 
 /** A failure reported by a vCPU thread, or an operation that failed there. */
@@ -87,11 +88,9 @@ class VcpuThread {
       trace: currentTraceConfig(),
       ...(options.ignoreKicks ? { ignoreKicks: true } : {}),
     };
-    this.worker = new Worker(new URL('./vcpu-thread.js', import.meta.url), {
-      workerData: data,
-      transferList: [channel.port2],
-      name: `vcpu${index}`,
-    });
+    this.worker = takeVcpuWorker(index);
+    const init: VcpuThreadInit = { type: 'init', data };
+    this.worker.postMessage(init, [channel.port2]);
     let readyResolve!: () => void;
     let readyReject!: (err: Error) => void;
     this.ready = new Promise((resolve, reject) => {

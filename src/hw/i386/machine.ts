@@ -139,7 +139,12 @@ export class X86Machine {
       // puts it back, so the LAPIC, the MSRs and the MP state (the APs wait
       // for INIT/SIPI again) are as a fresh machine's. The TSC is left out:
       // it keeps counting across a reset, and kvmclock relies on that.
-      const powerOnState: CpuSavedState[] = [];
+      // The three steps go to every vCPU thread at once, and the guest is
+      // loaded on this thread while they run: each vCPU thread runs its
+      // queue in order (the guest's entry state comes after them), so
+      // this is the sequence it was one step at a time, without waiting
+      // out three round trips per vCPU before the guest load.
+      const setUps: Promise<CpuSavedState>[] = [];
       for (let cpu = 0; cpu < options.cpus; cpu++) {
         const cpuid = buildGuestCpuid(supported, {
           cpuIndex: cpu,
@@ -148,11 +153,17 @@ export class X86Machine {
           ...(options.cpuFeatures ? { features: options.cpuFeatures } : {}),
         });
         leaf1 = cpuid.find((e) => e.function === 1) ?? leaf1;
-        await vcpus.runOnCpu(cpu, 'set_cpuid', cpuid);
-        await vcpus.runOnCpu(cpu, 'init_x86');
-        const state = (await vcpus.runOnCpu(cpu, 'get_cpu_state')) as CpuSavedState;
-        powerOnState.push({ ...state, msrs: state.msrs.filter((m) => m.index !== MSR_IA32_TSC) });
+        setUps.push(
+          Promise.all([
+            vcpus.runOnCpu(cpu, 'set_cpuid', cpuid),
+            vcpus.runOnCpu(cpu, 'init_x86'),
+            vcpus.runOnCpu(cpu, 'get_cpu_state'),
+          ]).then(([, , state]) => state as CpuSavedState),
+        );
       }
+      const setUpsDone = Promise.all(setUps);
+      // Awaited after the guest load; until then a failure is not unhandled.
+      setUpsDone.catch(() => {});
       const loadGuest = () =>
         bootGuest(
           {
@@ -166,7 +177,17 @@ export class X86Machine {
           },
           options.boot,
         );
-      await loadGuest();
+      try {
+        await loadGuest();
+      } catch (err) {
+        // A vCPU whose set-up failed fails its guest entry too: report the cause.
+        await setUpsDone;
+        throw err;
+      }
+      const powerOnState: CpuSavedState[] = (await setUpsDone).map((state) => ({
+        ...state,
+        msrs: state.msrs.filter((m) => m.index !== MSR_IA32_TSC),
+      }));
 
       // The sanitizer looks at the guest's pvclock right after the vCPUs
       // resume, so the lifecycle resumes them through this hook.

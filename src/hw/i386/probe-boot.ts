@@ -5,6 +5,7 @@
  */
 import { readFileSync } from 'node:fs';
 import type { LongModeEntry } from '../../accel/kvm/vcpu-ops.js';
+import { distUrl } from '../../util/dist-path.js';
 import { TsvmmError } from '../../util/errors.js';
 
 export const PROBE_LOAD_ADDR = 0x10000;
@@ -23,7 +24,7 @@ export type ProbeGuestName = 'probe' | 'ioloop';
 
 /** The probe guest image, as committed in guests/. */
 export function probeImage(name: ProbeGuestName): Uint8Array {
-  const url = new URL(`../../../guests/${name}.bin`, import.meta.url);
+  const url = distUrl(`../guests/${name}.bin`);
   try {
     return readFileSync(url);
   } catch (err) {

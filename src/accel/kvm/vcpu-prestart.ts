@@ -1,0 +1,88 @@
+/**
+ * vCPU threads started before their VM exists. A Node worker takes a good
+ * part of tsvmm's start-up to come up (a new V8 isolate, Node's own
+ * bootstrap, then vcpu-thread.js and koffi loaded into it), and on the main
+ * thread the same time goes into loading tsvmm and setting up KVM. Starting
+ * the workers first lets both run at once: each one loads its code and
+ * then waits for the message that names its vCPU (vcpu-thread.ts).
+ *
+ * This module imports nothing of tsvmm's but the path helper, so the entry
+ * point can call it before it loads the rest.
+ */
+import { Worker } from 'node:worker_threads';
+import { distUrl } from '../../util/dist-path.js';
+
+/** The vCPU thread's script. */
+export const VCPU_THREAD_URL = distUrl('accel/kvm/vcpu-thread.js');
+
+interface Prestarted {
+  worker: Worker;
+  /** Set if the worker ended (or failed to load) before it was taken. */
+  ended: boolean;
+}
+
+const pool: Prestarted[] = [];
+
+/**
+ * Starts `count` vCPU worker threads that wait for their vCPU. They do not
+ * keep the process alive: a run that ends before it builds a VM (a usage
+ * error, no /dev/kvm) exits as if they were not there.
+ */
+export function prestartVcpuWorkers(count: number): void {
+  for (let i = 0; i < count; i++) {
+    const index = pool.length;
+    const entry: Prestarted = {
+      worker: new Worker(VCPU_THREAD_URL, { name: `vcpu${index}` }),
+      ended: false,
+    };
+    entry.worker.unref();
+    // A failure is reported when a VM asks for the thread: it then starts
+    // a fresh one, which fails the same way in full view.
+    entry.worker.once('error', () => {
+      entry.ended = true;
+    });
+    entry.worker.once('exit', () => {
+      entry.ended = true;
+    });
+    pool.push(entry);
+  }
+}
+
+/**
+ * A vCPU worker to hand its first message to: a prestarted one if one is
+ * left (it keeps the process alive from now on), else a new one.
+ */
+export function takeVcpuWorker(index: number): Worker {
+  for (;;) {
+    const entry = pool.shift();
+    if (!entry) return new Worker(VCPU_THREAD_URL, { name: `vcpu${index}` });
+    if (entry.ended) continue;
+    entry.worker.removeAllListeners('error');
+    entry.worker.removeAllListeners('exit');
+    entry.worker.ref();
+    return entry.worker;
+  }
+}
+
+/**
+ * How many vCPUs a command line asks for, read without the option parser
+ * (which the entry point has not loaded yet): `-smp N`, `-smp cpus=N,...`,
+ * `--smp=N`. 0 where the run builds no VM (`-help`, `-version`, a `help`
+ * argument). A wrong guess only costs time: the real count comes from the
+ * parser, and missing threads are started then, extra ones never used.
+ */
+export function vcpuCountHint(argv: readonly string[]): number {
+  let count = 1;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (/^--?(h|help|version)$/.test(arg) || arg === 'help' || arg === '?') return 0;
+    let value: string | undefined;
+    const inline = /^--?smp=(.*)$/.exec(arg);
+    if (inline) value = inline[1];
+    else if (/^--?smp$/.test(arg)) value = argv[i + 1];
+    if (value === undefined) continue;
+    const m = /^(?:cpus=)?(\d+)/.exec(value) ?? /(?:^|,)cpus=(\d+)/.exec(value);
+    if (m) count = Number(m[1]);
+  }
+  return Math.max(1, Math.min(count, 64));
+}
