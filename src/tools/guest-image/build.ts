@@ -24,6 +24,7 @@ import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { distUrl } from '../../util/dist-path.js';
 import {
   type DebPackage,
   downloadPackage,
@@ -37,7 +38,7 @@ import { buildInitramfs } from './initramfs.js';
 
 /** The committed clock reporter (guests/clock-reporter), built into every image. */
 export const CLOCK_REPORTER_PATH = fileURLToPath(
-  new URL('../../../guests/clock-reporter/clock-reporter', import.meta.url),
+  distUrl('../guests/clock-reporter/clock-reporter'),
 );
 
 /** The kernel metapackage used unless another is named. */
