@@ -16,6 +16,7 @@
 //              a user pausing a VM feels).
 //
 // Usage: npm run bench -- qmp [--machine microvm|pc] [--scenario prelaunch,guest]
+//                             [--samples N]   (per command and VMM, default 200)
 //   --reference-only   measure QEMU alone (with -accel tcg where KVM is not
 //                      usable) and print its figures without ratios: for
 //                      checking the QEMU half on a host that cannot run tsvmm.
@@ -43,7 +44,7 @@ import {
 } from './lib/common.mjs';
 
 const WARMUP = 20; // per VMM process, not counted
-const SAMPLES = 200; // per command and VMM, over both processes of a VMM
+let SAMPLES = 200; // per command and VMM, over both processes of a VMM (--samples)
 const START_TIMEOUT_MS = 30_000; // process start to a negotiated QMP session
 const COMMAND_TIMEOUT_MS = 10_000; // each reply, and each STOP/RESUME event
 const QUIT_TIMEOUT_MS = 10_000; // quit to process exit
@@ -59,6 +60,7 @@ await runBench('qmp', async () => {
       'reference-only': { type: 'boolean', default: false },
       machine: { type: 'string', default: 'microvm' },
       scenario: { type: 'string', default: SCENARIOS.join(',') },
+      samples: { type: 'string', default: String(SAMPLES) },
     },
     strict: true,
   });
@@ -66,6 +68,10 @@ await runBench('qmp', async () => {
   const machineType = values.machine;
   if (!['microvm', 'pc', 'q35'].includes(machineType)) {
     throw new BenchError(`--machine ${machineType}: use microvm, pc or q35`);
+  }
+  SAMPLES = Number(values.samples);
+  if (!Number.isInteger(SAMPLES) || SAMPLES < 2 || SAMPLES % 2 !== 0) {
+    throw new BenchError(`--samples ${values.samples}: an even number >= 2`);
   }
   const scenarios = values.scenario.split(',').map((x) => x.trim());
   for (const name of scenarios) {

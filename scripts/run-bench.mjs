@@ -31,6 +31,22 @@ if (name !== 'all') {
   process.exit(run.status ?? 1);
 }
 
+// A signal to this runner ends the bench under way too (by its pid), whose
+// own handler then stops its VMMs.
+let current;
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(signal, () => {
+    if (current?.exitCode === null && current.pid !== undefined) {
+      try {
+        process.kill(current.pid, signal);
+      } catch {
+        // already gone
+      }
+    }
+    process.exit(1);
+  });
+}
+
 const summary = [];
 const t0 = Date.now();
 for (const bench of available) {
@@ -61,6 +77,7 @@ function runOne(bench) {
     const child = spawn(process.execPath, [`bench/${bench}.mjs`], {
       stdio: ['ignore', 'pipe', 'inherit'],
     });
+    current = child;
     const results = [];
     let partial = '';
     child.stdout.setEncoding('utf8');
