@@ -60,6 +60,18 @@ const BOOT_TIMEOUT_MS = 60_000; // spawn to the probe OS's ready line
 const DIRTY_TIMEOUT_MS = 300_000;
 const MIGRATE_TIMEOUT_MS = 300_000; // migrate to completed, -incoming to running
 const MiB = 2 ** 20;
+/** What each save and restore round reports; medians of these are compared. */
+const PHASE_KEYS = [
+  'saveMs',
+  'restoreMs',
+  'fileBytes',
+  'firstByteMs',
+  'setupMs',
+  'downtimeMs',
+  'stopToCompletedMs',
+  'dirtyPassMs',
+];
+
 const CONTENTS = [
   ['zero', 'all zero'],
   ['half', 'half zero, half pattern'],
@@ -239,18 +251,6 @@ async function vmRound({ vmm, qemu, size, dirty, dir, accel = 'kvm', pause = fal
     fileBytes,
   };
 }
-
-/** What each save and restore round reports; medians of these are compared. */
-const PHASE_KEYS = [
-  'saveMs',
-  'restoreMs',
-  'fileBytes',
-  'firstByteMs',
-  'setupMs',
-  'downtimeMs',
-  'stopToCompletedMs',
-  'dirtyPassMs',
-];
 
 function summarize(c) {
   const m = (list, key) => median(list.map((r) => r[key]));
