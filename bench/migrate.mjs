@@ -138,7 +138,16 @@ async function fullBenchmark({ runs, sizes, ddMb, downtimeLimit, dirtyRate }) {
     log(
       `live migration over unix: 512 MiB, probe OS dirtying ${DIRTY_MB} MiB at ${dirtyRate} MiB/s`,
     );
-    const live = await liveRound({ dir, downtimeLimit, dirtyRate });
+    // A live round that fails (a guest dirtying faster than the host sends,
+    // under emulation) must not lose the save and restore figures above.
+    let live;
+    try {
+      live = await liveRound({ dir, downtimeLimit, dirtyRate });
+    } catch (e) {
+      if (!(e instanceof BenchError)) throw e;
+      live = { error: e.message };
+      process.exitCode = 1;
+    }
     reportFull({ cases, dd, live, version, runs, downtimeLimit, dirtyRate });
   } finally {
     removeTempDir(dir);
@@ -464,6 +473,12 @@ function reportFull({ cases, dd, live, version, runs, downtimeLimit, dirtyRate }
     ),
   );
   console.log('');
+  if (live.error) {
+    console.log(`  live migration (unix:, 512 MiB, tsvmm to tsvmm): FAILED: ${live.error}`);
+    result.push('live_failed=1');
+    console.log(`RESULT ${result.join(' ')}`);
+    return;
+  }
   const liveOk = live.downtimeMs <= downtimeLimit;
   console.log(
     table(
