@@ -6,7 +6,17 @@
 // After each stop the STOP event must arrive, and after each cont the
 // RESUME event, before the next command is sent.
 //
-// Usage: npm run bench -- qmp [--machine microvm|pc]
+// Two scenarios, each with its own table and RESULT keys:
+//   prelaunch  started with -S and no guest, 1 vCPU, 128 MiB: query-status
+//              in prelaunch, then cont and the stop/cont loop (the VMM's own
+//              cost: nothing runs in the vCPU but firmware or nothing);
+//   guest      the probe OS (guests/probe-os/probe-os.elf) running on 2
+//              vCPUs, 128 MiB, -M pc: stop and cont of a running guest, with
+//              its ticks, kvmclock and every vCPU to take out of KVM_RUN (what
+//              a user pausing a VM feels).
+//
+// Usage: npm run bench -- qmp [--machine microvm|pc] [--scenario prelaunch,guest]
+//                             [--samples N]   (per command and VMM, default 200)
 //   --reference-only   measure QEMU alone (with -accel tcg where KVM is not
 //                      usable) and print its figures without ratios: for
 //                      checking the QEMU half on a host that cannot run tsvmm.
@@ -34,17 +44,23 @@ import {
 } from './lib/common.mjs';
 
 const WARMUP = 20; // per VMM process, not counted
-const SAMPLES = 200; // per command and VMM, over both processes of a VMM
+let SAMPLES = 200; // per command and VMM, over both processes of a VMM (--samples)
 const START_TIMEOUT_MS = 30_000; // process start to a negotiated QMP session
 const COMMAND_TIMEOUT_MS = 10_000; // each reply, and each STOP/RESUME event
 const QUIT_TIMEOUT_MS = 10_000; // quit to process exit
 const COMMANDS = ['query-status', 'stop', 'cont'];
+
+const PROBE_OS = join(root, 'guests/probe-os/probe-os.elf');
+const GUEST_READY_TIMEOUT_MS = 60_000; // process start to the probe OS ready on every vCPU
+const SCENARIOS = ['prelaunch', 'guest'];
 
 await runBench('qmp', async () => {
   const { values } = parseArgs({
     options: {
       'reference-only': { type: 'boolean', default: false },
       machine: { type: 'string', default: 'microvm' },
+      scenario: { type: 'string', default: SCENARIOS.join(',') },
+      samples: { type: 'string', default: String(SAMPLES) },
     },
     strict: true,
   });
@@ -53,6 +69,16 @@ await runBench('qmp', async () => {
   if (!['microvm', 'pc', 'q35'].includes(machineType)) {
     throw new BenchError(`--machine ${machineType}: use microvm, pc or q35`);
   }
+  SAMPLES = Number(values.samples);
+  if (!Number.isInteger(SAMPLES) || SAMPLES < 2 || SAMPLES % 2 !== 0) {
+    throw new BenchError(`--samples ${values.samples}: an even number >= 2`);
+  }
+  const scenarios = values.scenario.split(',').map((x) => x.trim());
+  for (const name of scenarios) {
+    if (!SCENARIOS.includes(name)) {
+      throw new BenchError(`--scenario ${name}: use ${SCENARIOS.join(', ')} (comma-separated)`);
+    }
+  }
 
   const host = probeKvmHost();
   if (!host.usable && !referenceOnly) throw new BenchError(`cannot run: ${host.reason}`);
@@ -60,62 +86,100 @@ await runBench('qmp', async () => {
 
   const qemu = ensureQemu('qmp');
   const version = qemuVersion(qemu);
-  const qemuArgs = [
-    '-accel',
-    accel,
-    '-M',
-    machineType,
-    '-nodefaults',
-    '-display',
-    'none',
-    '-S',
-    '-smp',
-    '1',
-    '-m',
-    '128M',
-  ];
-  const tsvmmArgs = [
-    join(root, 'dist/cli/main.js'),
-    '-S',
-    '-smp',
-    '1',
-    '-m',
-    '128M',
-    '-serial',
-    'none',
-  ];
+  const common = ['-nodefaults', '-display', 'none'];
+  const setups = {
+    prelaunch: {
+      title: `prelaunch: started with -S, no guest, 1 vCPU, 128 MiB, QEMU -M ${machineType}`,
+      cpus: 1,
+      guest: false,
+      qemuArgs: ['-accel', accel, '-M', machineType, ...common, '-S', '-smp', '1', '-m', '128M'],
+      tsvmmArgs: [
+        join(root, 'dist/cli/main.js'),
+        '-S',
+        '-smp',
+        '1',
+        '-m',
+        '128M',
+        '-serial',
+        'none',
+      ],
+    },
+    guest: {
+      title: 'guest: the probe OS running on 2 vCPUs, 128 MiB, QEMU -M pc',
+      cpus: 2,
+      guest: true,
+      qemuArgs: [
+        '-accel',
+        accel,
+        '-M',
+        'pc',
+        ...common,
+        '-smp',
+        '2',
+        '-m',
+        '128M',
+        '-kernel',
+        PROBE_OS,
+        '-append',
+        'console=ttyS0',
+        '-serial',
+        'stdio',
+        '-monitor',
+        'none',
+      ],
+      tsvmmArgs: [
+        join(root, 'dist/cli/main.js'),
+        '-smp',
+        '2',
+        '-m',
+        '128M',
+        '-kernel',
+        PROBE_OS,
+        '-append',
+        'console=ttyS0',
+        '-serial',
+        'stdio',
+      ],
+    },
+  };
 
   const dir = makeTempDir('tsvmm-bench-qmp-');
+  const result = [`qemu_accel=${accel}`, `qemu_machine=${machineType}`];
+  if (referenceOnly) result.unshift('mode=reference-only');
   try {
-    // Two processes per VMM, in the order A B B A, half the samples each:
-    // a slow drift of the host's load then weighs on both VMMs alike.
-    const runs = referenceOnly
-      ? [['QEMU', qemu, qemuArgs]]
-      : [
-          ['tsvmm', process.execPath, tsvmmArgs],
-          ['QEMU', qemu, qemuArgs],
-        ];
-    const order = runs.length === 2 ? [0, 1, 1, 0] : [0, 0];
-    const samples = {};
-    for (const [n, index] of order.entries()) {
-      const [label, command, args] = runs[index];
-      const got = await measure(label, command, args, dir, SAMPLES / 2, n);
-      samples[label] ??= { 'query-status': [], stop: [], cont: [] };
-      for (const cmd of COMMANDS) samples[label][cmd].push(...got[cmd]);
-    }
-    const results = {};
-    for (const [label, key] of [
-      ['tsvmm', 'tsvmm'],
-      ['QEMU', 'qemu'],
-    ]) {
-      if (!samples[label]) continue;
-      results[key] = {};
-      for (const cmd of COMMANDS) {
-        const all = samples[label][cmd];
-        results[key][cmd] = { median: median(all), p99: percentile(all, 99) };
+    for (const name of scenarios) {
+      const setup = setups[name];
+      // Two processes per VMM, in the order A B B A, half the samples each:
+      // a slow drift of the host's load then weighs on both VMMs alike.
+      const runs = referenceOnly
+        ? [['QEMU', qemu, setup.qemuArgs]]
+        : [
+            ['tsvmm', process.execPath, setup.tsvmmArgs],
+            ['QEMU', qemu, setup.qemuArgs],
+          ];
+      const order = runs.length === 2 ? [0, 1, 1, 0] : [0, 0];
+      const samples = {};
+      for (const [n, index] of order.entries()) {
+        const [label, command, args] = runs[index];
+        const got = await measure(label, command, args, dir, SAMPLES / 2, `${name}-${n}`, setup);
+        samples[label] ??= { 'query-status': [], stop: [], cont: [] };
+        for (const cmd of COMMANDS) samples[label][cmd].push(...got[cmd]);
       }
+      const results = {};
+      for (const [label, key] of [
+        ['tsvmm', 'tsvmm'],
+        ['QEMU', 'qemu'],
+      ]) {
+        if (!samples[label]) continue;
+        results[key] = {};
+        for (const cmd of COMMANDS) {
+          const all = samples[label][cmd];
+          results[key][cmd] = { median: median(all), p99: percentile(all, 99) };
+        }
+      }
+      report({ name, setup, results, referenceOnly, accel, version, host, result });
     }
-    report({ results, referenceOnly, accel, version, machineType, host });
+    console.log(`RESULT ${result.join(' ')}`);
   } finally {
     removeTempDir(dir);
   }
@@ -126,12 +190,12 @@ await runBench('qmp', async () => {
  * the three commands after {@link WARMUP} unmeasured ones, quits it.
  * Returns the samples in nanoseconds.
  */
-async function measure(label, command, args, dir, count, n) {
+async function measure(label, command, args, dir, count, n, setup) {
   const socket = join(dir, `${label.toLowerCase()}-${n}.sock`);
   const argv = [...args, '-qmp', `unix:${socket},server=on,wait=off`];
   console.error(`qmp: starting ${label}: ${command} ${argv.join(' ')}`);
   const child = spawnTracked(command, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
-  const out = collectTail(child.stdout);
+  const out = collectTail(child.stdout, 20_000);
   const err = collectTail(child.stderr);
   const spawnError = new Promise((_, reject) =>
     child.once('error', (e) =>
@@ -166,27 +230,51 @@ async function measure(label, command, args, dir, count, n) {
     const event = (name) =>
       withTimeout(client.nextEvent(name), COMMAND_TIMEOUT_MS, `${label}: ${name} event`);
 
-    const first = await call('query-status');
-    if (first.return.status !== 'prelaunch') {
-      throw new BenchError(
-        `${label}: started with -S but query-status says ${JSON.stringify(first.return)}`,
+    const samples = { 'query-status': [], stop: [], cont: [] };
+    if (setup.guest) {
+      // The guest must be up on every vCPU: stop and cont then take running
+      // vCPUs out of KVM_RUN and back.
+      await waitOutput(
+        out,
+        new RegExp(`probe cpu=${setup.cpus - 1} ready`),
+        GUEST_READY_TIMEOUT_MS,
+        `${label}: the probe OS ready on ${setup.cpus} vCPUs`,
+        child,
+        died,
       );
-    }
-    // QEMU needs a running VM for stop and cont (with no kernel its firmware spins).
-    await call('cont');
-    await event('RESUME');
-    const running = await call('query-status');
-    if (running.return.status !== 'running') {
-      throw new BenchError(
-        `${label}: after cont, query-status says ${JSON.stringify(running.return)}`,
-      );
+      const running = await call('query-status');
+      if (running.return.status !== 'running') {
+        throw new BenchError(
+          `${label}: guest started, but query-status says ${JSON.stringify(running.return)}`,
+        );
+      }
+      for (let i = 0; i < WARMUP + count; i++) {
+        const { ns } = await timed(call, 'query-status');
+        if (i >= WARMUP) samples['query-status'].push(ns);
+      }
+    } else {
+      const first = await call('query-status');
+      if (first.return.status !== 'prelaunch') {
+        throw new BenchError(
+          `${label}: started with -S but query-status says ${JSON.stringify(first.return)}`,
+        );
+      }
+      // query-status in prelaunch; then QEMU needs a running VM for stop and
+      // cont (with no kernel its firmware spins).
+      for (let i = 0; i < WARMUP + count; i++) {
+        const { ns } = await timed(call, 'query-status');
+        if (i >= WARMUP) samples['query-status'].push(ns);
+      }
+      await call('cont');
+      await event('RESUME');
+      const running = await call('query-status');
+      if (running.return.status !== 'running') {
+        throw new BenchError(
+          `${label}: after cont, query-status says ${JSON.stringify(running.return)}`,
+        );
+      }
     }
 
-    const samples = { 'query-status': [], stop: [], cont: [] };
-    for (let i = 0; i < WARMUP + count; i++) {
-      const { ns } = await timed(call, 'query-status');
-      if (i >= WARMUP) samples['query-status'].push(ns);
-    }
     for (let i = 0; i < WARMUP + count; i++) {
       expectNoPending(label, client, ['STOP', 'RESUME']);
       const stop = await timed(call, 'stop');
@@ -213,6 +301,16 @@ async function measure(label, command, args, dir, count, n) {
     client?.close();
     await stopChild(child, { signal: 'SIGKILL', graceMs: 5000 });
     rmSync(socket, { force: true });
+  }
+}
+
+/** Waits until the child's output (its serial console) matches `re`. */
+async function waitOutput(out, re, ms, what, child, died) {
+  const deadline = Date.now() + ms;
+  while (!re.test(out.text)) {
+    if (child.exitCode !== null || child.signalCode !== null) throw died();
+    if (Date.now() > deadline) throw new BenchError(`${what}: not within ${ms} ms`);
+    await sleep(10);
   }
 }
 
@@ -280,20 +378,20 @@ function output(out, err) {
   return text ? `:\n${text}` : ' (no output)';
 }
 
-function report({ results, referenceOnly, accel, version, machineType, host }) {
+function report({ name, setup, results, referenceOnly, accel, version, host, result }) {
   const us = (ns) => (ns / 1000).toFixed(1);
   const ratio = (cmd, key) => results.qemu[cmd][key] / results.tsvmm[cmd][key];
+  console.log(`qmp: ${setup.title}`);
   console.log(
-    `qmp: QMP reply round trip over a unix socket, ${SAMPLES} samples per command and VMM`,
+    `     QMP reply round trip over a unix socket, ${SAMPLES} samples per command and VMM`,
   );
   console.log(
-    `     (${referenceOnly ? 'two QEMU processes' : 'two processes per VMM, run A B B A'}, each ${SAMPLES / 2} samples after ${WARMUP} warm-up), 1 vCPU, 128 MiB`,
+    `     (${referenceOnly ? 'two QEMU processes' : 'two processes per VMM, run A B B A'}, each ${SAMPLES / 2} samples after ${WARMUP} warm-up)`,
   );
   console.log(
-    `     QEMU: ${version}, -accel ${accel} -M ${machineType}${accel === 'tcg' ? ' (software emulation: no usable KVM here)' : ''}`,
+    `     QEMU: ${version}, -accel ${accel}${accel === 'tcg' ? ' (software emulation: no usable KVM here)' : ''}`,
   );
   console.log('');
-  const result = [];
   if (referenceOnly) {
     console.log(
       `     reference only: QEMU measured alone, no tsvmm, no ratios (${host.usable ? 'asked for' : host.reason})`,
@@ -304,9 +402,8 @@ function report({ results, referenceOnly, accel, version, machineType, host }) {
       rows.push([cmd, `${us(results.qemu[cmd].median)} µs`, `${us(results.qemu[cmd].p99)} µs`]);
     }
     console.log(table(rows, (i) => i > 0));
-    result.push('mode=reference-only', `qemu_accel=${accel}`, `qemu_machine=${machineType}`);
     for (const cmd of COMMANDS) {
-      const k = cmd.replace('-', '_');
+      const k = `${name}_${cmd.replace('-', '_')}`;
       result.push(`qemu_${k}_median_us=${us(results.qemu[cmd].median)}`);
       result.push(`qemu_${k}_p99_us=${us(results.qemu[cmd].p99)}`);
     }
@@ -336,9 +433,8 @@ function report({ results, referenceOnly, accel, version, machineType, host }) {
     console.log(table(rows, (i) => i > 0));
     console.log('');
     console.log('  ratio = QEMU / tsvmm: above 1 means tsvmm answers faster (goal >= 1)');
-    result.push(`qemu_accel=${accel}`, `qemu_machine=${machineType}`);
     for (const cmd of COMMANDS) {
-      const k = cmd.replace('-', '_');
+      const k = `${name}_${cmd.replace('-', '_')}`;
       result.push(`tsvmm_${k}_median_us=${us(results.tsvmm[cmd].median)}`);
       result.push(`tsvmm_${k}_p99_us=${us(results.tsvmm[cmd].p99)}`);
       result.push(`qemu_${k}_median_us=${us(results.qemu[cmd].median)}`);
@@ -347,5 +443,5 @@ function report({ results, referenceOnly, accel, version, machineType, host }) {
       result.push(`ratio_${k}_p99=${ratio(cmd, 'p99').toFixed(3)}`);
     }
   }
-  console.log(`RESULT ${result.join(' ')}`);
+  console.log('');
 }

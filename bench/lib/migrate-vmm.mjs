@@ -4,7 +4,7 @@
 // destination started with `-incoming` and timed to the end of the load.
 // Every child goes through common.mjs (killed by pid on every way out);
 // every wait has a timeout.
-import { rmSync } from 'node:fs';
+import { readdirSync, rmSync, statSync, watch } from 'node:fs';
 import { join } from 'node:path';
 import { QmpClient } from '../../dist/monitor/qmp-client.js';
 import { BenchError, collectTail, sleep, spawnTracked, stopChild, withTimeout } from './common.mjs';
@@ -174,29 +174,100 @@ async function connectQmp(vmm) {
 
 const msSince = (t0) => Number(process.hrtime.bigint() - t0) / 1e6;
 
+/** Wall-clock milliseconds with sub-millisecond resolution. */
+const wallMs = () => performance.timeOrigin + performance.now();
+
+/** An event's own time stamp (the VMM's wall clock), in milliseconds. */
+function eventMs(e) {
+  return e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
+}
+
+/**
+ * Watches `dir` (inotify) for the first write to a file whose name passes
+ * `match` and resolves with the wall time (ms) it was seen non-empty.
+ * `stop()` ends the watch.
+ */
+function watchFirstByte(dir, match) {
+  let watcher;
+  let resolveSeen;
+  const seen = new Promise((resolve) => {
+    resolveSeen = resolve;
+  });
+  const check = () => {
+    try {
+      for (const name of readdirSync(dir)) {
+        if (match(name) && statSync(`${dir}/${name}`).size > 0) {
+          resolveSeen(wallMs());
+          watcher?.close();
+          return;
+        }
+      }
+    } catch {
+      // renamed or removed between readdir and stat: the next event looks again
+    }
+  };
+  watcher = watch(dir, { persistent: false }, (_type, name) => {
+    if (name && match(name)) check();
+  });
+  return { seen, stop: () => watcher.close() };
+}
+
 /**
  * `migrate uri` timed from sending the command to query-migrate saying
- * `completed` (polled every 5 ms). Resolves with the wall time and the
- * last query-migrate answer (QEMU's and tsvmm's own total-time, downtime).
+ * `completed` (polled every 5 ms). Resolves with the wall time, the last
+ * query-migrate answer (QEMU's and tsvmm's own total-time, setup-time,
+ * downtime) and, from the QMP events (the `events` capability is turned on
+ * first), the time from the STOP event to MIGRATION `completed` by their
+ * own time stamps. With `firstByte: { dir, match }`, also the time from
+ * sending `migrate` to the first byte of the file (inotify on `dir`).
  */
-export async function timedMigrate(vmm, uri, timeoutMs) {
-  const t0 = process.hrtime.bigint();
-  await vmm.call('migrate', { uri });
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = (await vmm.call('query-migrate')).return;
-    if (info.status === 'completed') return { ms: msSince(t0), info };
-    if (info.status === 'failed' || info.status === 'cancelled') {
-      throw new BenchError(
-        `${vmm.label}: migrate ${uri}: ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
-      );
+export async function timedMigrate(vmm, uri, timeoutMs, { firstByte } = {}) {
+  await vmm.call('migrate-set-capabilities', {
+    capabilities: [{ capability: 'events', state: true }],
+  });
+  // Events of earlier commands would be taken for this migration's.
+  while (vmm.client.pendingEvents().length) await vmm.client.nextEvent();
+  const watcher = firstByte ? watchFirstByte(firstByte.dir, firstByte.match) : undefined;
+  try {
+    const sentAt = wallMs();
+    const t0 = process.hrtime.bigint();
+    await vmm.call('migrate', { uri });
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const info = (await vmm.call('query-migrate')).return;
+      if (info.status === 'completed') {
+        const ms = msSince(t0);
+        const events = vmm.client.pendingEvents();
+        const stop = events.filter((e) => e.event === 'STOP').at(-1);
+        const done = events.find((e) => e.event === 'MIGRATION' && e.data?.status === 'completed');
+        const stopToCompletedMs = stop && done ? eventMs(done) - eventMs(stop) : undefined;
+        let firstByteMs;
+        if (watcher) {
+          const at = await withTimeout(
+            watcher.seen,
+            5000,
+            `${vmm.label}: the first byte of the file`,
+          );
+          firstByteMs = at - sentAt;
+        }
+        // Take the events, so the next migration's are not mixed with these.
+        while (vmm.client.pendingEvents().length) await vmm.client.nextEvent();
+        return { ms, info, stopToCompletedMs, firstByteMs };
+      }
+      if (info.status === 'failed' || info.status === 'cancelled') {
+        throw new BenchError(
+          `${vmm.label}: migrate ${uri}: ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`,
+        );
+      }
+      if (Date.now() > deadline) {
+        throw new BenchError(
+          `${vmm.label}: migrate ${uri} not completed within ${timeoutMs} ms (status ${info.status})`,
+        );
+      }
+      await sleep(POLL_MS);
     }
-    if (Date.now() > deadline) {
-      throw new BenchError(
-        `${vmm.label}: migrate ${uri} not completed within ${timeoutMs} ms (status ${info.status})`,
-      );
-    }
-    await sleep(POLL_MS);
+  } finally {
+    watcher?.stop();
   }
 }
 

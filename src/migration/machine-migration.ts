@@ -380,6 +380,19 @@ export class MachineMigration implements MigrationControl {
     const progress = this.progressReporter();
     traceThread.emit({ phase: 'start' });
     try {
+      // RAM other threads can view is read, encoded and checksummed on the
+      // migration thread (a worker); RAM in buffers, here. The worker is
+      // spawned first: its start-up (a new isolate, its modules) is most of
+      // the setup, so the file is opened and dirty logging started meanwhile.
+      const layout = nativeRamLayout(host.ram);
+      let sinkRef: ByteSink | undefined;
+      const shape = {
+        sink: { write: (buf: Uint8Array) => sinkRef!.write(buf) },
+        machineType: host.machineType,
+        vcpus: host.vcpus,
+        devices: host.devices.map((d) => d.section),
+      };
+      if (layout) worker = new WorkerStreamWriter({ ...shape, ram: layout });
       const channel = await openOutgoing(target);
       job.channel = channel;
       if (job.cancelled) throw cancelledError(target.kind);
@@ -389,31 +402,29 @@ export class MachineMigration implements MigrationControl {
         this.now,
         target.kind === 'file' ? target.path : target.kind,
       );
+      sinkRef = sink;
       job.sink = sink;
       sink.cancelled = job.cancelled;
-      const shape = {
-        sink,
-        machineType: host.machineType,
-        vcpus: host.vcpus,
-        devices: host.devices.map((d) => d.section),
-      };
-      // RAM other threads can view is read, encoded and checksummed on the
-      // migration thread (a worker); RAM in buffers, here.
-      const layout = nativeRamLayout(host.ram);
-      const writer: OutgoingWriter = layout
-        ? new WorkerStreamWriter({ ...shape, ram: layout })
-        : new MigrationStreamWriter({ ...shape, ram: host.ram });
-      if (writer instanceof WorkerStreamWriter) worker = writer;
+      const writer: OutgoingWriter =
+        worker ?? new MigrationStreamWriter({ ...shape, sink, ram: host.ram });
       progress.start(writer, sink);
+      if (host.dirtyLog) {
+        // Part of the setup, as QEMU's ram_save_setup: pages written from
+        // here on are logged, so the first pass may read them stale.
+        await host.dirtyLog.start();
+        dirtyLogging = true;
+      }
       await writer.begin();
       this.state.activate();
       traceThread.emit({ phase: 'active' });
 
       let finalPages: readonly RamPageSelection[] | undefined;
       if (host.dirtyLog) {
-        await host.dirtyLog.start();
-        dirtyLogging = true;
         finalPages = await this.precopy(job, writer, sink, progress);
+        // The passes' bytes go to disk while the guest still runs: the
+        // fsync at close then has only the stopped part to write, and the
+        // downtime does not wait for the whole of RAM to reach the disk.
+        await channel.flush?.();
       } else {
         // One pass over all of RAM, made once the guest is stopped (see the module comment).
         this.state.pass();
@@ -435,7 +446,9 @@ export class MachineMigration implements MigrationControl {
         progress.pass(ramTotal(host.ram) / PAGE_SIZE);
         await writer.sendRam();
       }
-      for (const d of host.devices) await d.capture?.();
+      // Independent reads (each vCPU on its own thread, the irqchip here):
+      // asked for all at once, so the stopped VM waits one round trip.
+      await Promise.all(host.devices.map(async (d) => d.capture?.()));
       this.checkCancelled(job, target);
       traceCompletion.emit({ state: 'devices' });
       const stats = await writer.complete(finalPages);

@@ -9,12 +9,17 @@
  *   the main thread waits on it to know a pause was acknowledged.
  * - TID: the vCPU thread's kernel thread id, the target of kicks.
  * - PIO_COUNT: port writes to the benchmark port, counted on the vCPU thread.
+ * - DONE: bumped by the vCPU thread after each answer to queued work it
+ *   posted on its reply port; the main thread can wait on it and take the
+ *   answer at once (receiveMessageOnPort), without a trip through its event
+ *   loop, as QEMU's run_on_cpu waits on a condition variable.
  */
 export const CTL_DOORBELL = 0;
 export const CTL_REQUEST = 1;
 export const CTL_STATE = 2;
 export const CTL_TID = 3;
 export const CTL_PIO_COUNT = 4;
+export const CTL_DONE = 5;
 export const CTL_CELLS = 8;
 
 export const REQUEST_PAUSE = 1;

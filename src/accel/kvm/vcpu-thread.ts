@@ -25,6 +25,7 @@ import { exitReasonName, KVM_EXIT, KVM_SYSTEM_EVENT } from './ioctls.js';
 import { KVM_EXIT_IO_OUT } from './structs/run.js';
 import { KvmVcpu } from './vcpu.js';
 import {
+  CTL_DONE,
   CTL_DOORBELL,
   CTL_PIO_COUNT,
   CTL_REQUEST,
@@ -56,6 +57,8 @@ export interface VcpuThreadData {
   runMmapSize: number;
   control: SharedArrayBuffer;
   workPort: MessagePort;
+  /** Where the answers to queued work go (then CTL_DONE is bumped). */
+  replyPort: MessagePort;
   devices: VcpuDevicePlan;
   trace: TraceConfig;
   /**
@@ -129,16 +132,23 @@ function drainWork(): void {
     traceWork.emit({ cpu: data.index, op: request.op });
     try {
       const result = runVcpuOp(ctx, request.op, request.arg);
-      post({ type: 'done', id: request.id, result });
+      answer({ type: 'done', id: request.id, result });
     } catch (err) {
       const e = err as { code?: string; message?: string };
-      post({
+      answer({
         type: 'done',
         id: request.id,
         error: { code: e.code, message: e.message ?? String(err) },
       });
     }
   }
+}
+
+/** Answers queued work on the reply port and wakes a main thread waiting for it. */
+function answer(message: VcpuMessage): void {
+  data.replyPort.postMessage(message);
+  Atomics.add(ctl, CTL_DONE, 1);
+  Atomics.notify(ctl, CTL_DONE);
 }
 
 function park(message: VcpuMessage): void {

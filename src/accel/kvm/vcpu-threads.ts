@@ -7,7 +7,7 @@
  * never hangs: each thread is asked to exit and kicked out of KVM_RUN, and
  * returns by itself (worker.terminate() would hang inside KVM_RUN).
  */
-import { MessageChannel, type Worker } from 'node:worker_threads';
+import { MessageChannel, receiveMessageOnPort, type Worker } from 'node:worker_threads';
 import type { VcpuDevicePlan } from '../../hw/vcpu-devices.js';
 import type { CpuController } from '../../system/cpus.js';
 import { currentTraceConfig, traceEvent } from '../../trace/control.js';
@@ -15,6 +15,7 @@ import { TsvmmError } from '../../util/errors.js';
 import { getpid, ignoreSignal, tgkill } from './ffi.js';
 import {
   CTL_CELLS,
+  CTL_DONE,
   CTL_DOORBELL,
   CTL_PIO_COUNT,
   CTL_REQUEST,
@@ -59,10 +60,22 @@ interface Pending {
   reject(err: Error): void;
 }
 
+/**
+ * How long the main thread blocks for an answer from a vCPU thread (to
+ * queued work, or the acknowledgement of a pause) before it goes on waiting
+ * through its event loop. A vCPU thread out of KVM_RUN answers in
+ * microseconds; waiting here, as QEMU's main loop waits on a condition
+ * variable, saves the event-loop round trip (milliseconds on a busy host).
+ * The bound keeps a thread that ignores kicks from holding the main thread.
+ */
+const SYNC_WAIT_MS = 20;
+
 class VcpuThread {
   readonly ctl = new Int32Array(new SharedArrayBuffer(CTL_CELLS * 4));
   readonly worker: Worker;
   readonly port: MessageChannel['port1'];
+  /** The answers to queued work: taken at once by `settle`, or as events. */
+  readonly replies: MessageChannel['port1'];
   tid = 0;
   readonly exited: Promise<void>;
   readonly ready: Promise<void>;
@@ -76,6 +89,11 @@ class VcpuThread {
   ) {
     const channel = new MessageChannel();
     this.port = channel.port1;
+    const replyChannel = new MessageChannel();
+    this.replies = replyChannel.port1;
+    this.replies.on('message', (message: VcpuMessage) => this.onReply(message));
+    // The worker keeps the process alive while it runs; its answers need not.
+    this.replies.unref();
     this.ctl[CTL_REQUEST] = REQUEST_PAUSE;
     const data: VcpuThreadData = {
       index,
@@ -84,13 +102,14 @@ class VcpuThread {
       runMmapSize: options.runMmapSize,
       control: this.ctl.buffer as SharedArrayBuffer,
       workPort: channel.port2,
+      replyPort: replyChannel.port2,
       devices: options.devices,
       trace: currentTraceConfig(),
       ...(options.ignoreKicks ? { ignoreKicks: true } : {}),
     };
     this.worker = takeVcpuWorker(index);
     const init: VcpuThreadInit = { type: 'init', data };
-    this.worker.postMessage(init, [channel.port2]);
+    this.worker.postMessage(init, [channel.port2, replyChannel.port2]);
     let readyResolve!: () => void;
     let readyReject!: (err: Error) => void;
     this.ready = new Promise((resolve, reject) => {
@@ -103,15 +122,9 @@ class VcpuThread {
           this.tid = message.tid;
           readyResolve();
           return;
-        case 'done': {
-          const p = this.pending.get(message.id);
-          this.pending.delete(message.id);
-          if (!p) return;
-          if (message.error) {
-            p.reject(new VcpuError(message.error.code ?? 'VCPU_OP_FAILED', message.error.message));
-          } else p.resolve(message.result);
+        case 'done':
+          this.onReply(message);
           return;
-        }
         case 'fatal':
           readyReject(new VcpuError('VCPU_THREAD_FAILED', `vCPU ${index}: ${message.message}`));
           options.onGuestRequest({ ...message, cpu: index });
@@ -155,7 +168,56 @@ class VcpuThread {
     this.port.postMessage(request);
     this.ring();
     this.kick();
+    if (wait) this.settle(SYNC_WAIT_MS);
     return done;
+  }
+
+  /**
+   * Takes the answers the vCPU thread has posted, blocking up to `budgetMs`
+   * while work is pending. What is not answered by then arrives later as
+   * an event on the reply port.
+   */
+  settle(budgetMs: number): void {
+    const deadline = performance.now() + budgetMs;
+    for (;;) {
+      // Read the counter before taking answers: a bump after it wakes the wait.
+      const seen = Atomics.load(this.ctl, CTL_DONE);
+      for (;;) {
+        const received = receiveMessageOnPort(this.replies);
+        if (!received) break;
+        this.onReply(received.message as VcpuMessage);
+      }
+      if (this.pending.size === 0) return;
+      if (Atomics.load(this.ctl, CTL_STATE) === STATE_EXITED) return;
+      const left = deadline - performance.now();
+      if (left <= 0) return;
+      Atomics.wait(this.ctl, CTL_DONE, seen, left);
+    }
+  }
+
+  /**
+   * Blocks up to `budgetMs` until the thread has acknowledged a pause (or
+   * ended). Returns whether it has.
+   */
+  waitPausedSync(budgetMs: number): boolean {
+    const deadline = performance.now() + budgetMs;
+    for (;;) {
+      const state = Atomics.load(this.ctl, CTL_STATE);
+      if (state === STATE_PAUSED || state === STATE_EXITED) return true;
+      const left = deadline - performance.now();
+      if (left <= 0) return false;
+      Atomics.wait(this.ctl, CTL_STATE, state, left);
+    }
+  }
+
+  private onReply(message: VcpuMessage): void {
+    if (message.type !== 'done') return;
+    const p = this.pending.get(message.id);
+    this.pending.delete(message.id);
+    if (!p) return;
+    if (message.error) {
+      p.reject(new VcpuError(message.error.code ?? 'VCPU_OP_FAILED', message.error.message));
+    } else p.resolve(message.result);
   }
 
   async waitPaused(): Promise<void> {
@@ -254,7 +316,14 @@ export class VcpuThreads implements CpuController {
       traceKick.emit({ cpu: t.index });
       t.kick();
     }
-    await Promise.all(this.threads.map((t) => t.waitPaused()));
+    // Threads out of KVM_RUN acknowledge within microseconds: wait for that
+    // here (as QEMU's pause_all_vcpus does), and through the event loop only
+    // for a thread that takes longer.
+    const deadline = performance.now() + SYNC_WAIT_MS;
+    const late = this.threads.filter(
+      (t) => !t.waitPausedSync(Math.max(0, deadline - performance.now())),
+    );
+    if (late.length > 0) await Promise.all(late.map((t) => t.waitPaused()));
   }
 
   async resumeAll(): Promise<void> {
@@ -304,7 +373,10 @@ export class VcpuThreads implements CpuController {
       await Promise.all(this.threads.map((t) => t.exited));
     } finally {
       clearInterval(timer);
-      for (const t of this.threads) t.port.close();
+      for (const t of this.threads) {
+        t.port.close();
+        t.replies.close();
+      }
       process.off('exit', this.onProcessExit);
     }
   }

@@ -38,6 +38,8 @@ import { MAX_MEMORY_SIZE } from './parse-size.js';
 
 /** Host page size; every slot starts and ends on one. */
 export const PAGE_SIZE = 4096;
+/** A transparent huge page, and the alignment of guest RAM in the host. */
+const HUGE_PAGE_SIZE = 2 * 1024 * 1024;
 
 /** Largest native view made at once. */
 export const VIEW_CHUNK_BYTES = 2 ** 30;
@@ -131,18 +133,29 @@ export class GuestMemory {
       );
     }
     const regions = options.layout === 'flat' ? flatRamLayout(size) : pcRamLayout(size);
-    const base = sysMmap(
+    // 2 MiB aligned, as QEMU aligns RAM: a transparent huge page needs an
+    // aligned host address, and KVM maps a guest 2 MiB page with one large
+    // entry only when host and guest addresses agree modulo 2 MiB. Kernels
+    // before 6.7 align only what is asked, so map 2 MiB more and give back
+    // the ends.
+    const reserved = sysMmap(
       null,
-      size,
+      size + HUGE_PAGE_SIZE,
       PROT_READ | PROT_WRITE,
       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
       -1,
       0,
     );
-    if (base === MAP_FAILED) {
+    if (reserved === MAP_FAILED) {
       const errno = lastErrno();
       throw new GuestMemoryAllocError(size, errno, errnoName(errno));
     }
+    const align = BigInt(HUGE_PAGE_SIZE);
+    const base = (reserved + align - 1n) & ~(align - 1n);
+    const head = Number(base - reserved);
+    const tail = HUGE_PAGE_SIZE - head;
+    if (head > 0) sysMunmap(reserved, head);
+    if (tail > 0) sysMunmap(base + BigInt(size), tail);
     // Like QEMU: a forked child (child_process uses fork) must not share or
     // copy guest RAM. Only advice, so a failure changes nothing.
     sysMadvise(base, size, MADV_DONTFORK);

@@ -225,7 +225,8 @@ export class KvmClockDevice {
   /**
    * The change-state handler. Starting: restore the clock into KVM (from
    * the guest's pvclock page if the saved value is not reliable), then
-   * KVM_KVMCLOCK_CTRL on every vCPU thread, one after the other. Stopping:
+   * KVM_KVMCLOCK_CTRL on every vCPU thread (queued on all, then awaited
+   * together). Stopping:
    * save the clock once per stop.
    */
   async kvmclockVmStateChange(running: boolean, state: RunState): Promise<void> {
@@ -244,8 +245,14 @@ export class KvmClockDevice {
       const record = this.restoreClock(state, restored);
       const ctrlResults: (number | undefined)[] = [];
       if (this.hasCtrl) {
+        // Queued on every vCPU thread at once (in vCPU order) and all awaited
+        // before the vCPUs resume: each thread still issues its own ioctl,
+        // but the start waits one round trip instead of one per vCPU.
+        const pending: Promise<unknown>[] = [];
         for (let cpu = 0; cpu < this.cpus.count; cpu++) {
-          const ret = await this.cpus.runOnCpu(cpu, KVMCLOCK_CTRL_OP);
+          pending.push(this.cpus.runOnCpu(cpu, KVMCLOCK_CTRL_OP));
+        }
+        for (const ret of await Promise.all(pending)) {
           ctrlResults.push(typeof ret === 'number' ? ret : undefined);
         }
       }
