@@ -113,7 +113,7 @@ function report(serial: string) {
   return parseClockReport(existsSync(serial) ? readFileSync(serial, 'utf8') : '');
 }
 
-/** Waits until the reporter has printed a sample numbered `n` or later. */
+/** Waits until the reporter has printed a sample numbered `n` or later (`ms` is stretched by the time scale). */
 async function waitSample(serial: string, n: number, ms: number): Promise<void> {
   await waitFor(`clock sample ${n}`, () => (report(serial).samples.at(-1)?.n ?? 0) >= n, ms).catch(
     (err: Error) => {
@@ -169,7 +169,7 @@ async function stopAndCont(v: QmpVm): Promise<{ seen: PauseSeen; hostPauseNs: bi
   const contSent = process.hrtime.bigint();
   await within(v.qmp.execute('cont'), 'cont');
   const contDone = process.hrtime.bigint();
-  await waitSample(v.serial, near.n + 8, scaled(5_000));
+  await waitSample(v.serial, near.n + 8, 5_000);
   // The guest saw the pause, if at all, as the step between two samples
   // around it: the largest step of the window is the one that spans it.
   const seen = pauseAround(report(v.serial).samples, near.n - 3, near.n + 8, INTERVAL_NS);
@@ -253,7 +253,7 @@ test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invis
   }
   await within(dst.qmp.execute('cont'), 'cont');
   const hostGapNs = process.hrtime.bigint() - savedAt;
-  await waitSample(dst.serial, near.n + 8, scaled(10_000));
+  await waitSample(dst.serial, near.n + 8, 10_000);
   // A restored guest may first finish lines it wrote before the save.
   const samples = [...report(src.serial).samples, ...report(dst.serial).samples];
   const restored = pauseAround(samples, near.n - 3, near.n + 8, INTERVAL_NS);
@@ -318,7 +318,7 @@ test('Linux, policy=realtime without KVMCLOCK_CTRL (-x-no-kvmclock-ctrl): the so
   await waitFor(
     'a soft-lockup splat',
     () => report(v.serial).splats.some((s) => /soft lockup/.test(s)),
-    scaled(10_000),
+    10_000,
   );
   const splat = report(v.serial).splats.find((s) => /soft lockup/.test(s))!;
   t.diagnostic(`without CTRL the guest said: ${splat}`);
