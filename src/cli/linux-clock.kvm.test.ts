@@ -79,13 +79,24 @@ const NO_CTRL_PAUSE_MS = 10_000;
  */
 const LEAK_BOUND = (TIME_SCALE > 1 ? 1000n : 50n) * MS;
 
-/** The guest image with the reporter as /script, written to `dir`. */
-async function clockGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+/**
+ * The guest image with the reporter as /script, written to `dir`. With
+ * `busy`, a shell loop also spins in user space the whole time. That
+ * matters for the watchdog: an idle CPU that a pause leaves behind wakes
+ * through the no-HZ idle exit, which touches the soft-lockup watchdog (a
+ * long idle gap is normal), so only a CPU that was busy when the VM stopped
+ * can show the jump as a soft lockup. A busy guest is the case CTRL exists
+ * for.
+ */
+async function clockGuest(
+  dir: string,
+  options: { busy?: boolean } = {},
+): Promise<{ kernel: string; initrd: string }> {
   const cache = defaultGuestCacheDir();
   const built = await buildGuestImage({ outDir: cache, cachedOnly: true });
   const initrd = join(dir, 'clock.cpio');
   const script = Buffer.from(
-    `echo "CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"\nexec clock-reporter ${INTERVAL_MS}\n`,
+    `echo "CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"\n${options.busy ? 'while :; do :; done &\n' : ''}exec clock-reporter ${INTERVAL_MS}\n`,
   );
   writeFileSync(
     initrd,
@@ -199,8 +210,9 @@ async function bootClockGuest(
   dir: string,
   name: string,
   extra: readonly string[],
+  options: { busy?: boolean } = {},
 ): Promise<QmpVm> {
-  const guest = await clockGuest(dir);
+  const guest = await clockGuest(dir, options);
   const started = performance.now();
   const v = await startWithQmp(scope, dir, name, linuxArgs(guest, extra));
   await waitRunning(v.qmp);
@@ -288,7 +300,9 @@ test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL
   if (!requireFullKvm(t)) return;
   const scope = new ProcessScope(t);
   const dir = scope.tempDir();
-  const v = await bootClockGuest(t, scope, dir, 'rt', ['-global', 'kvmclock.policy=realtime']);
+  const v = await bootClockGuest(t, scope, dir, 'rt', ['-global', 'kvmclock.policy=realtime'], {
+    busy: true,
+  });
   const { seen, hostPauseNs } = await stopAndCont(v);
   const q = await within(v.qmp.execute('query-kvmclock'), 'query-kvmclock');
   t.diagnostic(
@@ -316,11 +330,14 @@ test('Linux, policy=realtime without KVMCLOCK_CTRL (-x-no-kvmclock-ctrl): the so
   if (!requireFullKvm(t)) return;
   const scope = new ProcessScope(t);
   const dir = scope.tempDir();
-  const v = await bootClockGuest(t, scope, dir, 'noctrl', [
-    '-global',
-    'kvmclock.policy=realtime',
-    '-x-no-kvmclock-ctrl',
-  ]);
+  const v = await bootClockGuest(
+    t,
+    scope,
+    dir,
+    'noctrl',
+    ['-global', 'kvmclock.policy=realtime', '-x-no-kvmclock-ctrl'],
+    { busy: true },
+  );
   const { seen, hostPauseNs } = await stopAndCont(v, NO_CTRL_PAUSE_MS);
   t.diagnostic(`realtime stop/cont without CTRL: ${describePause(seen)}`);
   // The clock took in the pause (less up to one interval, as under realtime).
