@@ -2,18 +2,19 @@
  * Linux's own view of time across the seed's lifecycle: Debian's cloud
  * kernel with the guest image's clock reporter (guests/clock-reporter)
  * printing CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_MONOTONIC_RAW (kvm-clock)
- * and CLOCK_BOOTTIME every 100 ms (1 s under emulation), plus any backwards step and any
- * soft-lockup or RCU-stall record of the kernel log.
+ * and CLOCK_BOOTTIME every 100 ms (1 s under emulation), plus any
+ * backwards step and any soft-lockup or RCU-stall record of the kernel log.
  *
- * Across a 5 s stop/cont and across save -> 5 s -> restore:
- * - freeze (QEMU's behaviour): the guest's clocks advance by the reporter's
+ * - freeze (QEMU's behaviour), across a 5 s stop/cont and across stop,
+ *   save, 5 s, restore, cont: the guest's clocks advance by the reporter's
  *   interval and no more than 50 ms beyond it: the pause is invisible;
- * - realtime: they advance by the host's pause too, as the host measured it;
- * - never backwards, no splat with `watchdog_thresh=1`;
- * - and, to show why KVMCLOCK_CTRL exists, realtime without it
- *   (-x-no-kvmclock-ctrl): the clock jumps by the pause and the soft-lockup
- *   watchdog fires. Under freeze there is no jump, so nothing for CTRL to
- *   excuse.
+ * - realtime, across a 5 s stop/cont with a CPU busy: they advance by the
+ *   host's pause too, and KVMCLOCK_CTRL keeps the watchdog quiet;
+ * - realtime without CTRL (-x-no-kvmclock-ctrl), a 10 s stop, a CPU busy:
+ *   the soft-lockup watchdog fires, which is why CTRL exists. Under freeze
+ *   there is no jump, so nothing for CTRL to excuse.
+ * - never backwards, and no splat where none is expected, with
+ *   `watchdog_thresh=1`.
  *
  * The kvmclock sanitizer runs in every test and must stay silent.
  *
