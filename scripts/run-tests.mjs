@@ -45,6 +45,8 @@ const VM_TEST_TIMEOUT_MS = 900_000;
 const VM_TIME_SCALE = 8;
 /** How many VMs share the KVM tests (each emulates on one host core; TSVMM_TEST_VM_SHARDS overrides). */
 const VM_SHARDS = Number(process.env.TSVMM_TEST_VM_SHARDS ?? 2);
+/** The inner part's exit status when the VM's own clock is wrong (EX_TEMPFAIL): the VM run is retried. */
+const VM_CLOCK_WRONG = 75;
 /** Environment variable that marks every process a part's tests start. */
 const RUN_MARKER = 'TSVMM_TEST_RUN';
 
@@ -272,7 +274,9 @@ async function runPartInVm(name, files, resultsDir) {
         ? `the VM run timed out after ${timeout} s`
         : status === 125
           ? 'the VM could not run the tests'
-          : `the VM run ended with status ${status} and no test result`;
+          : status === VM_CLOCK_WRONG
+            ? "the VM's clock was miscalibrated at its boot"
+            : `the VM run ended with status ${status} and no test result`;
     if (attempt === 2 || status === 124) return { error: why };
     console.error(`run-tests: ${name}: ${why}; retrying the VM run once (log: ${log})`);
   }
@@ -286,6 +290,21 @@ function inner(argv) {
   const files = argv.slice(4);
   // Under emulation every wait of a KVM test is stretched (test-support/time-scale.ts).
   const scale = process.env.TSVMM_TEST_TIME_SCALE || String(VM_TIME_SCALE);
+  // The VM's kernel trusts its TSC (kvm-vm boots it with tsc=reliable).
+  // When the host was busy while it booted, its PIT calibration can come
+  // out wrong (measured: 116 MHz for a 2,096 MHz TSC), and then every clock
+  // in the VM runs many times too fast and every timeout fires early. Such
+  // a VM is no place for tests: say so and let the outer runner retry.
+  const dmesg = spawnSync('dmesg', { encoding: 'utf8' }).stdout ?? '';
+  if (
+    /tsc: PIT calibration deviates from HPET/.test(dmesg) &&
+    /tsc: Using PIT calibration value/.test(dmesg)
+  ) {
+    console.error(
+      `run-tests: ${name}: this VM's clock is miscalibrated (${dmesg.match(/tsc: Detected .*/)?.[0] ?? 'tsc'}); no tests run in it`,
+    );
+    process.exit(VM_CLOCK_WRONG);
+  }
   const s = runPart(name, files, resultsDir, VM_TEST_TIMEOUT_MS, { TSVMM_TEST_TIME_SCALE: scale });
   for (const leak of s.leaks) console.error(`run-tests: ${name}: ${leak}`);
   process.exit(s.failed === 0 && s.leaks.length === 0 && s.exitCode === 0 ? 0 : 1);
