@@ -455,9 +455,13 @@ describe('the kvmclock sanitizer catches injected faults (needs KVM)', () => {
     // The fault's own symptom is clock-mismatch: the new VM's clock is not
     // the one saved. It is also backwards whenever that clock (the new VM's
     // age) is behind the source's; which one is larger depends on timing.
+    // And it is cross-vcpu when the round catches one vCPU's page already
+    // rewritten by KVM (the new VM's age) and another's still as the
+    // stream brought it (the source's clock): seen in the VM runner with
+    // one emulated CPU, where vCPUs enter KVM further apart.
     assert.ok(kinds(v).includes('clock-mismatch'), JSON.stringify(q));
     assert.deepEqual(
-      kinds(v).filter((k) => k !== 'clock-mismatch' && k !== 'backwards'),
+      kinds(v).filter((k) => !['clock-mismatch', 'backwards', 'cross-vcpu'].includes(k)),
       [],
       JSON.stringify(q),
     );
