@@ -97,7 +97,7 @@ await runBench('linux-clock', async () => {
     { label: 'tsvmm freeze', ...tsvmm([]) },
     { label: 'tsvmm realtime', ...tsvmm(['-global', 'kvmclock.policy=realtime']) },
     {
-      label: `QEMU ${qemuVersion(qemu)}`,
+      label: qemuVersion(qemu),
       command: qemu,
       // QEMU 7.2 has no file: migration; exec: with cat writes the same stream.
       args: [
@@ -138,6 +138,8 @@ async function measure(vmm, dir, pauseMs, timeoutMs) {
     await waitSample(src, 10, timeoutMs);
     const stop = await stopCont(src, pauseMs);
     // The issue's flow: stop, save, quit, wait, restore paused (-S), cont.
+    // The guest's pause runs from this stop to the cont on the destination.
+    const stoppedAt = process.hrtime.bigint();
     await src.qmp.execute('stop');
     const saved = join(dir, `${tag}.state`);
     await src.qmp.execute('migrate', { uri: vmm.fileUri(saved) });
@@ -145,7 +147,6 @@ async function measure(vmm, dir, pauseMs, timeoutMs) {
     await src.qmp.execute('quit');
     await withTimeout(stopChild(src.child, { signal: 0, graceMs: 20_000 }), 30_000, 'quit');
     const near = lastSample(src);
-    const quitAt = process.hrtime.bigint();
     await sleep(pauseMs);
     const incoming = vmm.incomingUri ? vmm.incomingUri(saved) : vmm.fileUri(saved);
     const dst = await start(vmm, dir, `${tag}-dst`, ['-S', '-incoming', incoming], timeoutMs);
@@ -159,7 +160,7 @@ async function measure(vmm, dir, pauseMs, timeoutMs) {
         (vm) => parseClockReport(readFileSync(vm.serial, 'utf8')).samples,
       );
       const seen = pauseAround(samples, near.n - 3, near.n + 8, intervalNs());
-      const restore = { ...seen.beyond, hostNs: contAt - quitAt, ...health(dst) };
+      const restore = { ...seen.beyond, hostNs: contAt - stoppedAt, ...health(dst) };
       return { stop: { ...stop, ...health(src) }, restore };
     } finally {
       await closeVm(dst);
