@@ -15,7 +15,7 @@
 //
 //   node scripts/run-tests.mjs [FILTER...]     run the files whose path contains a FILTER
 //   TSVMM_TEST_KVM=host|vm|auto                where the KVM tests run (default auto)
-//   TSVMM_TEST_VM_TIMEOUT=SECONDS              bound on the whole VM run (default 3000)
+//   TSVMM_TEST_VM_TIMEOUT=SECONDS              bound on the whole VM run (default 4200)
 //
 // After each part the runner fails the run if a process that the tests
 // started is still alive (it kills those, by pid) or if a test left a file
@@ -38,9 +38,12 @@ import { fileURLToPath } from 'node:url';
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const VM_RUNNER = resolve(ROOT, '../shared/tools/kvm-vm/run');
 const KVM_TEST = /\.kvm\.test\.js$/;
-/** Per-test bounds: on the host, and under emulation (10-50x slower). A hang still fails. */
-const HOST_TEST_TIMEOUT_MS = 180_000;
-const VM_TEST_TIMEOUT_MS = 900_000;
+/**
+ * Bounds on one test and on one test file: on the host, and under emulation
+ * (10-50x slower). A hang fails its test, or at worst its file.
+ */
+const HOST_BOUNDS = { testMs: 180_000, fileMs: 600_000 };
+const VM_BOUNDS = { testMs: 600_000, fileMs: 1_500_000 };
 /** How much longer KVM tests may wait for a guest inside the VM (TSVMM_TEST_TIME_SCALE overrides). */
 const VM_TIME_SCALE = 8;
 /** How many VMs share the KVM tests (each emulates on one host core; TSVMM_TEST_VM_SHARDS overrides). */
@@ -128,40 +131,121 @@ function markedProcesses(marker) {
   return found;
 }
 
+/** Names of the tests a TAP stream reports as failed (`not ok N - name`), innermost first. */
+function tapFailures(text) {
+  return [...text.matchAll(/^\s*not ok \d+ - (.*)$/gm)].map((m) => m[1]);
+}
+
 /**
- * Runs one part: the given files under `node --test`, with a private temp
- * dir and a marker in the environment, then checks that nothing was left
- * behind. Writes `NAME.tap` and `NAME.json` into `resultsDir`.
+ * Runs one test file under `node --test` in a process group of its own, and
+ * kills that group if the file has not ended within `fileTimeoutMs`: a test
+ * that hangs where Node's per-test timeout cannot reach it (a file whose
+ * process never exits, a blocked main thread) costs its file's bound, not
+ * the whole run. Resolves with its exit status and whether it timed out.
  */
-function runPart(name, files, resultsDir, testTimeoutMs, extraEnv = {}) {
+function runTestFile(file, tapPath, testTimeoutMs, fileTimeoutMs, env) {
+  return new Promise((resolveRun) => {
+    const child = spawn(
+      process.execPath,
+      [
+        '--test',
+        '--test-concurrency=1',
+        `--test-timeout=${testTimeoutMs}`,
+        '--test-reporter=spec',
+        '--test-reporter-destination=stdout',
+        '--test-reporter=tap',
+        `--test-reporter-destination=${tapPath}`,
+        file,
+      ],
+      { cwd: ROOT, stdio: 'inherit', env, detached: true },
+    );
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      try {
+        process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }, fileTimeoutMs);
+    child.on('close', (status) => {
+      clearTimeout(timer);
+      resolveRun({ status, timedOut });
+    });
+  });
+}
+
+/**
+ * Runs one part: each of the given files under `node --test` in turn, with
+ * a private temp dir and a marker in the environment, then checks that
+ * nothing was left behind. Writes `NAME.json` (and a TAP file per test
+ * file) into `resultsDir`.
+ */
+async function runPart(name, files, resultsDir, bounds, extraEnv = {}, heartbeat = false) {
   const marker = randomBytes(8).toString('hex');
   const partTmp = mkdtempSync(join(tmpdir(), `tsvmm-${name}-`));
-  const tapPath = join(resultsDir, `${name}.tap`);
+  const env = { ...process.env, ...extraEnv, [RUN_MARKER]: marker, TMPDIR: partTmp };
   const started = Date.now();
-  const result = spawnSync(
-    process.execPath,
-    [
-      '--test',
-      '--test-concurrency=1',
-      `--test-timeout=${testTimeoutMs}`,
-      '--test-reporter=spec',
-      '--test-reporter-destination=stdout',
-      '--test-reporter=tap',
-      `--test-reporter-destination=${tapPath}`,
-      ...files,
-    ],
-    {
-      cwd: ROOT,
-      stdio: 'inherit',
-      env: { ...process.env, ...extraEnv, [RUN_MARKER]: marker, TMPDIR: partTmp },
-    },
-  );
+  const totals = { tests: 0, passed: 0, failed: 0, skipped: 0 };
+  const failures = [];
+  const done = [];
+  let exitCode = 0;
+  const jsonPath = join(resultsDir, `${name}.json`);
+  const writeSummary = (extra) =>
+    writeFileSync(
+      jsonPath,
+      JSON.stringify({
+        name,
+        seconds: (Date.now() - started) / 1000,
+        exitCode,
+        ...totals,
+        failures,
+        done,
+        ...extra,
+      }),
+    );
+  // Inside a VM, a heartbeat tells the outer runner that the VM still makes progress.
+  let beats = 0;
+  let current;
+  const beat = () =>
+    writeFileSync(
+      join(resultsDir, `${name}.alive`),
+      JSON.stringify({ beat: ++beats, file: current }),
+    );
+  const heart = heartbeat ? setInterval(beat, HEARTBEAT_MS) : undefined;
+  for (const [i, file] of files.entries()) {
+    const tapPath = join(resultsDir, `${name}.${i}.tap`);
+    const fileStarted = Date.now();
+    current = file;
+    if (heartbeat) beat();
+    const run = await runTestFile(file, tapPath, bounds.testMs, bounds.fileMs, env);
+    const tap = existsSync(tapPath) ? readFileSync(tapPath, 'utf8') : '';
+    const counts = tapCounts(tap);
+    const seconds = ((Date.now() - fileStarted) / 1000).toFixed(0);
+    for (const key of Object.keys(totals)) totals[key] += counts[key];
+    for (const test of tapFailures(tap)) failures.push(`${file}: ${test}`);
+    if (run.timedOut) {
+      const passedNames = [...tap.matchAll(/^\s*ok \d+ - (.*)$/gm)].map((m) => m[1]);
+      failures.push(
+        `${file}: still running after its bound of ${bounds.fileMs / 1000} s, killed; the last test it finished: ${passedNames.at(-1) ?? 'none'}`,
+      );
+      totals.failed += 1;
+    }
+    if (run.status !== 0) exitCode = run.status ?? 1;
+    console.log(
+      `run-tests: ${name}: ${file}: ${seconds} s${run.timedOut ? ' (killed at its bound)' : ''}`,
+    );
+    done.push(file);
+    writeSummary({ leaks: [], complete: false });
+  }
+  current = undefined;
+  clearInterval(heart);
   const seconds = (Date.now() - started) / 1000;
   const leaks = [];
   // A test's children may take a moment to go after their parent test ended.
   let alive = markedProcesses(marker);
   for (let i = 0; i < 20 && alive.length > 0; i++) {
-    spawnSync('sleep', ['0.1']);
+    await new Promise((r) => setTimeout(r, 100));
     alive = markedProcesses(marker);
   }
   for (const p of alive) {
@@ -175,68 +259,103 @@ function runPart(name, files, resultsDir, testTimeoutMs, extraEnv = {}) {
   for (const entry of readdirSync(partTmp))
     leaks.push(`temp file left behind: ${join(partTmp, entry)}`);
   rmSync(partTmp, { recursive: true, force: true });
-  const tap = existsSync(tapPath) ? readFileSync(tapPath, 'utf8') : '';
-  const summary = { name, seconds, exitCode: result.status, ...tapCounts(tap), leaks };
-  writeFileSync(join(resultsDir, `${name}.json`), JSON.stringify(summary));
-  return summary;
+  writeSummary({ leaks, complete: true });
+  return { name, seconds, exitCode, ...totals, failures, done, leaks, complete: true };
 }
 
 function describe(summary, where) {
   return `${summary.name}: ${summary.passed} passed, ${summary.failed} failed, ${summary.skipped} skipped in ${summary.seconds.toFixed(0)} s (${where})`;
 }
 
-/** Splits `files` into `n` shards of about equal size (compiled bytes stand in for run time). */
+/**
+ * Seconds each KVM test file took in a runner VM, measured in a CI-style run
+ * (two VMs and the host part at once). They balance the VMs; a file not
+ * listed is guessed from its compiled size. Refresh them from the
+ * `run-tests: kvm-vm-N: FILE: N s` lines when a file's cost changes much.
+ */
+const VM_FILE_SECONDS = {};
+
+/** A guess for a KVM file that VM_FILE_SECONDS does not list: Linux boots cost minutes. */
+function guessSeconds(file, fullKvm) {
+  const kib = readFileSync(join(ROOT, file)).length / 1024;
+  return fullKvm ? 300 + 10 * kib : 5 * kib;
+}
+
+/** Splits `files` into `n` shards of about equal run time, the longest files placed first. */
 function shardFiles(files, n) {
   const shards = Array.from({ length: Math.max(1, Math.min(n, files.length)) }, () => ({
     files: [],
-    bytes: 0,
+    seconds: 0,
   }));
-  // Compiled size stands for run time, except that a file booting Linux
-  // (requireFullKvm) takes minutes per test under emulation: it counts as
-  // heavy as the heaviest file, so those spread over the VMs.
   const full = new Set(fullKvmTests(files));
-  const raw = files.map((f) => ({ f, bytes: readFileSync(join(ROOT, f)).length }));
-  const heaviest = Math.max(0, ...raw.map((r) => r.bytes));
-  const sized = raw.map((r) => (full.has(r.f) ? { f: r.f, bytes: r.bytes + heaviest } : r));
-  for (const { f, bytes } of sized.sort((a, b) => b.bytes - a.bytes)) {
-    const lightest = shards.reduce((a, b) => (b.bytes < a.bytes ? b : a));
+  const timed = files.map((f) => ({
+    f,
+    seconds: VM_FILE_SECONDS[relative('dist', f)] ?? guessSeconds(f, full.has(f)),
+  }));
+  for (const { f, seconds } of timed.sort((a, b) => b.seconds - a.seconds)) {
+    const lightest = shards.reduce((a, b) => (b.seconds < a.seconds ? b : a));
     lightest.files.push(f);
-    lightest.bytes += bytes;
+    lightest.seconds += seconds;
   }
   return shards.map((s) => s.files.sort());
 }
 
-/** Runs a child, copying its output line by line to ours with `prefix` before each line. */
-function runPrefixed(command, args, prefix) {
-  return new Promise((resolveRun) => {
-    const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    for (const stream of [child.stdout, child.stderr]) {
-      let pending = '';
-      stream.setEncoding('utf8');
-      stream.on('data', (text) => {
-        pending += text;
-        const lines = pending.split('\n');
-        pending = lines.pop();
-        for (const line of lines) process.stdout.write(`${prefix}${line}\n`);
-      });
-      stream.on('end', () => {
-        if (pending) process.stdout.write(`${prefix}${pending}\n`);
-      });
-    }
-    child.on('close', (status) => resolveRun(status));
-  });
-}
+/** How many of a VM's last output lines the summary repeats when the VM run fails. */
+const TAIL_LINES = 25;
 
 /**
- * Runs one shard of the KVM tests inside the VM runner, retried once if the
- * VM died before any test reported (a test that failed is never retried).
+ * Runs a child, copying its output line by line to ours with `prefix` before
+ * each line. Returns the child, and a promise of its exit status and its
+ * last lines.
  */
-async function runPartInVm(name, files, resultsDir) {
-  const timeout = process.env.TSVMM_TEST_VM_TIMEOUT ?? '4200';
-  if (!existsSync(VM_RUNNER)) {
-    return { error: `no /dev/kvm here and no VM runner at ${VM_RUNNER}` };
+function runPrefixed(command, args, prefix) {
+  const tail = [];
+  const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  for (const stream of [child.stdout, child.stderr]) {
+    let pending = '';
+    stream.setEncoding('utf8');
+    stream.on('data', (text) => {
+      pending += text;
+      const lines = pending.split('\n');
+      pending = lines.pop();
+      for (const line of lines) {
+        process.stdout.write(`${prefix}${line}\n`);
+        tail.push(line);
+        if (tail.length > TAIL_LINES) tail.shift();
+      }
+    });
+    stream.on('end', () => {
+      if (pending) process.stdout.write(`${prefix}${pending}\n`);
+    });
   }
-  const log = join(resultsDir, `${name}.log`);
+  const done = new Promise((resolveRun) =>
+    child.on('close', (status) => resolveRun({ status, tail })),
+  );
+  return { child, done };
+}
+
+/** How often the part inside a VM writes its heartbeat file. */
+const HEARTBEAT_MS = 15_000;
+/** How often the outer runner looks at it. */
+const WATCH_MS = 10_000;
+/**
+ * A VM whose heartbeat stops this long is taken as wedged (TSVMM_TEST_VM_WEDGE_SECONDS
+ * overrides). Seen under QEMU's emulator: while an SMP Linux guest booted
+ * in nested KVM, the whole one-CPU VM stopped making progress, its own
+ * timers included, so no test timeout could fire inside it.
+ */
+const WEDGE_MS = Number(process.env.TSVMM_TEST_VM_WEDGE_SECONDS ?? 360) * 1000;
+/** The first heartbeat comes after the VM runner's first-use set-up and the VM's boot. */
+const FIRST_HEARTBEAT_MS = 900_000;
+
+/**
+ * Boots one VM that runs `files` (`--part name`), and stops it if its
+ * heartbeat stops. Resolves with the VM runner's status, its last lines, the
+ * part's summary (possibly partial: `done` lists the files that finished),
+ * whether it was found wedged and in which file.
+ */
+async function runOneVm(name, files, resultsDir) {
+  const timeout = process.env.TSVMM_TEST_VM_TIMEOUT ?? '4200';
   const args = [
     // One emulated CPU. QEMU runs the VM's CPUs one at a time anyway
     // (single-threaded TCG), so a second one adds no throughput; and with
@@ -244,7 +363,7 @@ async function runPartInVm(name, files, resultsDir) {
     // under QEMU 7.2 as under tsvmm, with every vCPU waiting on a spinlock
     // whose release it never saw (`info registers`: native_halt from the
     // PV spinlock wait, or native_queued_spin_lock_slowpath). With one, the
-    // same boots reached the shell each time. See the README.
+    // same boots reached the shell nearly every time. See the README.
     '--smp',
     process.env.TSVMM_TEST_VM_SMP ?? '1',
     '--timeout',
@@ -252,7 +371,7 @@ async function runPartInVm(name, files, resultsDir) {
     '--out',
     resultsDir,
     '--keep-log',
-    log,
+    join(resultsDir, `${name}.log`),
     ...(process.env.TSVMM_TEST_TIME_SCALE ? ['--env', 'TSVMM_TEST_TIME_SCALE'] : []),
     '--',
     process.execPath,
@@ -263,27 +382,87 @@ async function runPartInVm(name, files, resultsDir) {
     resultsDir,
     ...files,
   ];
-  for (let attempt = 1; attempt <= 2; attempt++) {
-    const started = Date.now();
-    const status = await runPrefixed(VM_RUNNER, args, `[${name}] `);
-    const jsonPath = join(resultsDir, `${name}.json`);
-    const summary = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, 'utf8')) : undefined;
-    if (summary && summary.tests > 0) return { summary, vmSeconds: (Date.now() - started) / 1000 };
-    const why =
-      status === 124
-        ? `the VM run timed out after ${timeout} s`
-        : status === 125
-          ? 'the VM could not run the tests'
-          : status === VM_CLOCK_WRONG
-            ? "the VM's clock was miscalibrated at its boot"
-            : `the VM run ended with status ${status} and no test result`;
-    if (attempt === 2 || status === 124) return { error: why };
-    console.error(`run-tests: ${name}: ${why}; retrying the VM run once (log: ${log})`);
-  }
-  return { error: 'unreachable' };
+  const beatPath = join(resultsDir, `${name}.alive`);
+  const jsonPath = join(resultsDir, `${name}.json`);
+  const started = Date.now();
+  const { child, done } = runPrefixed(VM_RUNNER, args, `[${name}] `);
+  // The heartbeat's content changes with every beat; compare content, not
+  // the file's time, which the VM's 9p client may set from its own clock.
+  let lastBeat = '';
+  let lastChange = started;
+  let wedgedIn;
+  const watch = setInterval(() => {
+    const beat = existsSync(beatPath) ? readFileSync(beatPath, 'utf8') : '';
+    if (beat !== lastBeat) {
+      lastBeat = beat;
+      lastChange = Date.now();
+      return;
+    }
+    if (Date.now() - lastChange < (beat ? WEDGE_MS : FIRST_HEARTBEAT_MS)) return;
+    wedgedIn = beat ? (JSON.parse(beat).file ?? 'between files') : 'before its first test';
+    console.error(
+      `run-tests: ${name}: no heartbeat from the VM for ${((Date.now() - lastChange) / 1000).toFixed(0)} s (wedged in ${wedgedIn}); stopping it`,
+    );
+    clearInterval(watch);
+    child.kill('SIGTERM');
+  }, WATCH_MS);
+  const { status, tail } = await done;
+  clearInterval(watch);
+  const summary = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, 'utf8')) : undefined;
+  return { status, tail, summary, wedgedIn, seconds: (Date.now() - started) / 1000, timeout };
 }
 
-function inner(argv) {
+/**
+ * Runs one shard of the KVM tests inside the VM runner. When the VM dies,
+ * wedges or turns out unfit before every file has run, the files that did
+ * not finish run once more in a new VM. A test that failed is never run
+ * again: only a VM that stopped is.
+ */
+async function runPartInVm(name, files, resultsDir) {
+  if (!existsSync(VM_RUNNER)) {
+    return { error: `no /dev/kvm here and no VM runner at ${VM_RUNNER}` };
+  }
+  const merged = { name, seconds: 0, exitCode: 0, tests: 0, passed: 0, failed: 0, skipped: 0 };
+  merged.failures = [];
+  merged.leaks = [];
+  merged.notes = [];
+  let remaining = files;
+  let vmSeconds = 0;
+  for (let attempt = 1; ; attempt++) {
+    const runName = attempt === 1 ? name : `${name}-again`;
+    const vm = await runOneVm(runName, remaining, resultsDir);
+    vmSeconds += vm.seconds;
+    const s = vm.summary;
+    if (s) {
+      for (const key of ['seconds', 'tests', 'passed', 'failed', 'skipped']) merged[key] += s[key];
+      merged.failures.push(...s.failures);
+      merged.leaks.push(...s.leaks);
+      if (s.complete && s.exitCode !== 0) merged.exitCode = s.exitCode;
+    }
+    const finished = new Set(s?.done ?? []);
+    const undone = remaining.filter((f) => !finished.has(f));
+    if (undone.length === 0 && s?.complete) return { summary: merged, vmSeconds };
+    const why = vm.wedgedIn
+      ? `the VM stopped making progress (no heartbeat for ${WEDGE_MS / 1000} s) while running ${vm.wedgedIn}`
+      : vm.status === 124
+        ? `the VM run timed out after ${vm.timeout} s`
+        : vm.status === 125
+          ? 'the VM could not run the tests'
+          : vm.status === VM_CLOCK_WRONG
+            ? "the VM's clock was miscalibrated at its boot"
+            : `the VM run ended with status ${vm.status} before its part ended`;
+    if (attempt === 2 || (vm.status === 124 && !vm.wedgedIn)) {
+      return { error: why, tail: vm.tail, partial: merged, undone };
+    }
+    console.error(
+      `run-tests: ${name}: ${why}; running its ${undone.length} unfinished file(s) once more in a new VM`,
+    );
+    merged.notes.push(`${why}; its ${undone.length} unfinished file(s) ran again in a new VM`);
+    remaining = undone;
+  }
+}
+
+async function inner(argv) {
   // --part NAME --results DIR FILES...: one part, run where this process is.
   const name = argv[1];
   const resultsDir = argv[3];
@@ -305,7 +484,14 @@ function inner(argv) {
     );
     process.exit(VM_CLOCK_WRONG);
   }
-  const s = runPart(name, files, resultsDir, VM_TEST_TIMEOUT_MS, { TSVMM_TEST_TIME_SCALE: scale });
+  const s = await runPart(
+    name,
+    files,
+    resultsDir,
+    VM_BOUNDS,
+    { TSVMM_TEST_TIME_SCALE: scale },
+    true,
+  );
   for (const leak of s.leaks) console.error(`run-tests: ${name}: ${leak}`);
   process.exit(s.failed === 0 && s.leaks.length === 0 && s.exitCode === 0 ? 0 : 1);
 }
@@ -353,6 +539,8 @@ async function main(filters) {
   let skipped = 0;
   const account = (s, where) => {
     lines.push(describe(s, where));
+    for (const failure of s.failures ?? []) lines.push(`  FAILED: ${failure}`);
+    for (const note of s.notes ?? []) lines.push(`  NOTE: ${note}`);
     for (const leak of s.leaks) lines.push(`  LEAK: ${leak}`);
     passed += s.passed;
     failed += s.failed + s.leaks.length + (s.exitCode !== 0 && s.failed === 0 ? 1 : 0);
@@ -362,7 +550,7 @@ async function main(filters) {
   if (kvmWhere === 'host') {
     console.log(`run-tests: KVM tests run on this host's /dev/kvm (${kvmFiles.length} files)`);
     if (chosen.length)
-      account(runPart('host', chosen, resultsDir, HOST_TEST_TIMEOUT_MS), 'on this host, /dev/kvm');
+      account(await runPart('host', chosen, resultsDir, HOST_BOUNDS), 'on this host, /dev/kvm');
   } else {
     const shards = shardFiles(kvmFiles, VM_SHARDS);
     console.log(
@@ -406,10 +594,14 @@ async function main(filters) {
     }
     vms.forEach((vm, i) => {
       if (vm?.error) {
+        if (vm.partial?.tests) account(vm.partial, 'in a KVM VM, nested SVM, before it stopped');
         lines.push(
-          `kvm-vm-${i + 1}: FAILED: ${vm.error}; its ${shards[i].length} KVM test files did not all run`,
+          `kvm-vm-${i + 1}: FAILED: ${vm.error}; these did not finish: ${(vm.undone ?? shards[i]).join(' ')}`,
         );
         failed += 1;
+        // The VM's output scrolled by long before this summary: repeat where it stopped.
+        lines.push(`  its last ${vm.tail?.length ?? 0} lines:`);
+        for (const line of vm.tail ?? []) lines.push(`  | ${line}`);
       } else if (vm) {
         account(vm.summary, `in a KVM VM, nested SVM; ${vm.vmSeconds.toFixed(0)} s with its boot`);
       }
@@ -428,8 +620,8 @@ async function main(filters) {
 }
 
 const argv = process.argv.slice(2);
-if (argv[0] === '--part') inner(argv);
+if (argv[0] === '--part') await inner(argv);
 else if (argv[0] === '--host-part') {
-  const s = runPart('host', argv.slice(2), argv[1], HOST_TEST_TIMEOUT_MS);
+  const s = await runPart('host', argv.slice(2), argv[1], HOST_BOUNDS);
   process.exit(s.failed === 0 ? 0 : 1);
 } else await main(argv);
