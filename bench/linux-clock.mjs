@@ -12,11 +12,17 @@
 // host), how far the guest's realtime fell behind the host's, and any
 // backwards step or soft-lockup/RCU-stall splat (watchdog_thresh=1).
 //
+// `--scenario ctrl` shows instead why KVMCLOCK_CTRL exists: a guest with one
+// CPU kept busy in user space, policy realtime, a --pause stop (default 10 s
+// there), with CTRL and with -x-no-kvmclock-ctrl, and freeze without CTRL.
+// Only the realtime jump without CTRL should bring a soft-lockup splat.
+//
 // Needs the guest image (`node scripts/build-guest.mjs`) and hardware KVM;
 // without it, run it in the VM runner:
 //   ../shared/tools/kvm-vm/run --smp 1 -- node bench/linux-clock.mjs --interval 1000
 //
-// Usage: npm run bench -- linux-clock [--pause SECONDS] [--interval MS] [--smp N] [--timeout SECONDS]
+// Usage: npm run bench -- linux-clock [--scenario clocks|ctrl] [--pause SECONDS] [--interval MS]
+//                                      [--smp N] [--watchdog-thresh S] [--timeout SECONDS]
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -48,15 +54,21 @@ let INTERVAL_MS = 100;
 await runBench('linux-clock', async () => {
   const { values } = parseArgs({
     options: {
-      pause: { type: 'string', default: '5' },
+      scenario: { type: 'string', default: 'clocks' },
+      pause: { type: 'string' },
       // Under emulation (the VM runner) give 1000: the UART drains too slowly for ten lines a second.
       interval: { type: 'string', default: '100' },
       smp: { type: 'string', default: '2' },
+      // The soft-lockup detector fires after 2 x this many seconds of a CPU not scheduling.
+      'watchdog-thresh': { type: 'string', default: '1' },
       timeout: { type: 'string', default: '600' },
     },
     strict: true,
   });
-  const pauseMs = Number(values.pause) * 1000;
+  const scenario = values.scenario;
+  if (scenario !== 'clocks' && scenario !== 'ctrl')
+    throw new BenchError(`--scenario ${scenario}: give clocks or ctrl`);
+  const pauseMs = Number(values.pause ?? (scenario === 'ctrl' ? '10' : '5')) * 1000;
   INTERVAL_MS = Number(values.interval);
   if (!(INTERVAL_MS >= 10)) throw new BenchError(`--interval ${values.interval}: give ms >= 10`);
   const timeoutMs = Number(values.timeout) * 1000;
@@ -76,11 +88,15 @@ await runBench('linux-clock', async () => {
     buildInitramfs({
       busybox: readFileSync(join(cache, 'busybox')),
       clockReporter: readFileSync(CLOCK_REPORTER_PATH),
-      script: Buffer.from(`exec clock-reporter ${INTERVAL_MS}\n`),
+      // The ctrl scenario keeps one CPU busy in user space: an idle CPU's
+      // wake-up touches the soft-lockup watchdog and hides the jump.
+      script: Buffer.from(
+        `${scenario === 'ctrl' ? '(while :; do :; done) &\n' : ''}exec clock-reporter ${INTERVAL_MS}\n`,
+      ),
     }),
   );
   const qemu = ensureQemu('linux-clock');
-  const append = 'console=ttyS0 quiet watchdog_thresh=1';
+  const append = `console=ttyS0 quiet watchdog_thresh=${values['watchdog-thresh']}`;
   const common = ['-smp', values.smp, '-m', '512M', '-initrd', initrd, '-append', append];
   const tsvmm = (extra) => ({
     command: process.execPath,
@@ -93,6 +109,33 @@ await runBench('linux-clock', async () => {
     ],
     fileUri: (path) => `file:${path}`,
   });
+  if (scenario === 'ctrl') {
+    const runs = [
+      { label: 'tsvmm realtime, CTRL sent', ...tsvmm(['-global', 'kvmclock.policy=realtime']) },
+      {
+        label: 'tsvmm realtime, -x-no-kvmclock-ctrl',
+        ...tsvmm(['-global', 'kvmclock.policy=realtime', '-x-no-kvmclock-ctrl']),
+      },
+      { label: 'tsvmm freeze, -x-no-kvmclock-ctrl', ...tsvmm(['-x-no-kvmclock-ctrl']) },
+    ];
+    const rows = [];
+    for (const vmm of runs) {
+      const tag = vmm.label.replace(/\W+/g, '-');
+      const vm = await start(vmm, dir, tag, [], timeoutMs);
+      try {
+        await waitSample(vm, 10, timeoutMs);
+        const stop = await stopCont(vm, pauseMs);
+        // The detector reports within a few of its periods after the resume.
+        await sleep(Number(values['watchdog-thresh']) * 3000);
+        const r = parseClockReport(readFileSync(vm.serial, 'utf8'));
+        rows.push({ vmm, stop, backwards: r.backwards.length, splats: r.splats });
+      } finally {
+        await closeVm(vm);
+      }
+    }
+    reportCtrl(rows, pauseMs);
+    return;
+  }
   const vmms = [
     { label: 'tsvmm freeze', ...tsvmm([]) },
     { label: 'tsvmm realtime', ...tsvmm(['-global', 'kvmclock.policy=realtime']) },
@@ -261,6 +304,32 @@ function intervalNs() {
 function health(vm) {
   const r = parseClockReport(readFileSync(vm.serial, 'utf8'));
   return { backwards: r.backwards.length, splats: r.splats.length };
+}
+
+function reportCtrl(rows, pauseMs) {
+  const ms = (ns) => (Number(ns) / 1e6).toFixed(1);
+  const lines = [['VMM', 'pause', 'host ms', 'realtime +ms', 'backwards', 'splats', 'first splat']];
+  for (const { vmm, stop, backwards, splats } of rows) {
+    lines.push([
+      vmm.label,
+      `stop ${pauseMs / 1000} s, cont, one CPU busy`,
+      ms(stop.hostNs),
+      ms(stop.realtime),
+      String(backwards),
+      String(splats.length),
+      splats[0] ? String(splats[0]).slice(0, 60) : '-',
+    ]);
+  }
+  console.log(table(lines, (col) => col >= 2 && col <= 5));
+  const key = (label) =>
+    label
+      .replace(/^tsvmm /, '')
+      .replace(/-x-no-kvmclock-ctrl/, 'no_ctrl')
+      .replace(/CTRL sent/, 'ctrl')
+      .replace(/\W+/g, '_');
+  console.log(
+    `RESULT ${rows.map((r) => `${key(r.vmm.label)}_splats=${r.splats.length}`).join(' ')}`,
+  );
 }
 
 function report(rows, pauseMs) {
