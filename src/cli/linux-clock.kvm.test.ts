@@ -15,11 +15,10 @@
  *
  * The kvmclock sanitizer runs in every test and must stay silent.
  *
- * Not here yet: why CTRL exists. It shows only with a CPU busy in user
- * space (an idle CPU's wake-up touches the soft-lockup watchdog anyway):
- * realtime, -x-no-kvmclock-ctrl and a 10 s stop gave `watchdog: BUG: soft
- * lockup - CPU#1 stuck for 10s!` in a run by hand, but a guest spinning on
- * one of the runner VM's emulated CPU's vCPUs stalled a full CI run.
+ * - why KVMCLOCK_CTRL exists: with one CPU kept busy in user space (an idle
+ *   CPU's wake-up touches the soft-lockup watchdog anyway), a 10 s
+ *   realtime jump brings a soft-lockup splat with -x-no-kvmclock-ctrl, and
+ *   none with CTRL sent.
  *
  * Under emulation (the VM runner) the bounds stretch (see LEAK_BOUND) and
  * the watchdog threshold is 2 s (a 4 s window), still below the 5 s pause.
@@ -76,13 +75,16 @@ const WATCHDOG_THRESH = TIME_SCALE > 1 ? 2 : 1;
  */
 const LEAK_BOUND = (TIME_SCALE > 1 ? 1000n : 50n) * MS;
 
-/** The guest image with the reporter as /script, written to `dir`. */
-async function clockGuest(dir: string): Promise<{ kernel: string; initrd: string }> {
+/**
+ * The guest image with the reporter as /script, written to `dir`. With
+ * `busy`, a shell loop keeps one CPU busy in user space beside it.
+ */
+async function clockGuest(dir: string, busy = false): Promise<{ kernel: string; initrd: string }> {
   const cache = defaultGuestCacheDir();
   const built = await buildGuestImage({ outDir: cache, cachedOnly: true });
-  const initrd = join(dir, 'clock.cpio');
+  const initrd = join(dir, busy ? 'clock-busy.cpio' : 'clock.cpio');
   const script = Buffer.from(
-    `echo "CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"\nexec clock-reporter ${INTERVAL_MS}\n`,
+    `echo "CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"\n${busy ? '(while :; do :; done) &\n' : ''}exec clock-reporter ${INTERVAL_MS}\n`,
   );
   writeFileSync(
     initrd,
@@ -160,8 +162,11 @@ function assertClean(serial: string, what: string): void {
   assert.doesNotMatch(text, /soft lockup|rcu_\w+ detected stall/, `${what}: console`);
 }
 
-/** Stops `v`, waits PAUSE_MS, resumes it; returns the guest's view and the host's. */
-async function stopAndCont(v: QmpVm): Promise<{ seen: PauseSeen; hostPauseNs: bigint }> {
+/** Stops `v`, waits `pauseMs`, resumes it; returns the guest's view and the host's. */
+async function stopAndCont(
+  v: QmpVm,
+  pauseMs = PAUSE_MS,
+): Promise<{ seen: PauseSeen; hostPauseNs: bigint }> {
   await waitSample(v.serial, 5, BOOT_MS);
   const stopSent = process.hrtime.bigint();
   await within(v.qmp.execute('stop'), 'stop');
@@ -169,7 +174,7 @@ async function stopAndCont(v: QmpVm): Promise<{ seen: PauseSeen; hostPauseNs: bi
   // The console may still deliver lines the guest wrote before the stop,
   // so the sample seen last is only near the pause.
   const near = report(v.serial).samples.at(-1)!;
-  await sleep(PAUSE_MS);
+  await sleep(pauseMs);
   const contSent = process.hrtime.bigint();
   await within(v.qmp.execute('cont'), 'cont');
   const contDone = process.hrtime.bigint();
@@ -193,8 +198,9 @@ async function bootClockGuest(
   dir: string,
   name: string,
   extra: readonly string[],
+  busy = false,
 ): Promise<QmpVm> {
-  const guest = await clockGuest(dir);
+  const guest = await clockGuest(dir, busy);
   const started = performance.now();
   const v = await startWithQmp(scope, dir, name, linuxArgs(guest, extra));
   await waitRunning(v.qmp);
@@ -302,4 +308,43 @@ test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL
   assertClean(v.serial, 'realtime stop/cont');
   await assertSanitizerSilent(v, 'realtime stop/cont');
   await quit(v);
+});
+
+/** Long enough past the soft-lockup window (2 x the threshold) that a missed excuse shows. */
+const CTRL_PAUSE_MS = 10_000;
+
+test('why KVMCLOCK_CTRL exists: a 10 s realtime jump under a busy CPU is a soft lockup without it, and quiet with it', {
+  timeout: scaled(2 * BOOT_MS + 120_000),
+}, async (t) => {
+  if (!requireFullKvm(t)) return;
+  const scope = new ProcessScope(t);
+  const dir = scope.tempDir();
+  const splatsAfterJump = async (name: string, extra: readonly string[]) => {
+    const v = await bootClockGuest(
+      t,
+      scope,
+      dir,
+      name,
+      ['-global', 'kvmclock.policy=realtime', ...extra],
+      true,
+    );
+    const { seen, hostPauseNs } = await stopAndCont(v, CTRL_PAUSE_MS);
+    t.diagnostic(`${name}: host paused ${Number(hostPauseNs / MS)} ms: ${describePause(seen)}`);
+    // The clock did jump: that is what the watchdog must be told about.
+    assert.ok(seen.beyond.monotonic > BigInt(CTRL_PAUSE_MS / 2) * MS, describePause(seen));
+    // The detector checks every 2/5 of the threshold; give it a few rounds.
+    await sleep(scaled(WATCHDOG_THRESH * 3000));
+    const r = report(v.serial);
+    assert.deepEqual(r.backwards, [], `${name}: no clock went backwards`);
+    await quit(v);
+    return r.splats;
+  };
+  const withCtrl = await splatsAfterJump('ctrl', []);
+  assert.deepEqual(withCtrl, [], 'with KVMCLOCK_CTRL sent the watchdog forgives the jump');
+  const withoutCtrl = await splatsAfterJump('no-ctrl', ['-x-no-kvmclock-ctrl']);
+  t.diagnostic(`without CTRL: ${withoutCtrl.join(' | ')}`);
+  assert.ok(
+    withoutCtrl.some((l) => /soft lockup/.test(l)),
+    `without KVMCLOCK_CTRL the jump is a soft lockup: ${JSON.stringify(withoutCtrl)}`,
+  );
 });
