@@ -277,7 +277,7 @@ const VM_FILE_SECONDS = {
   'accel/kvm/kvm-fd.kvm.test.js': 18,
   'accel/kvm/kvm.kvm.test.js': 14,
   'cli/kvmclock.kvm.test.js': 208,
-  'cli/linux-clock.kvm.test.js': 145,
+  'cli/linux-clock.kvm.test.js': 330,
   'cli/main.kvm.test.js': 227,
   'cli/monitor-stdio.kvm.test.js': 20,
   'cli/shutdown.kvm.test.js': 194,
