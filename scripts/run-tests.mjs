@@ -372,6 +372,15 @@ const VM_RUNS_UNTIL_MS = 70 * 60_000;
 /** The first heartbeat comes after the VM runner's first-use set-up and the VM's boot. */
 const FIRST_HEARTBEAT_MS = 900_000;
 
+/** The test file a heartbeat names, if it can be read (a beat may be caught half written). */
+function beatFile(beat) {
+  try {
+    return JSON.parse(beat).file;
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * Boots one VM that runs `files` (`--part name`), and stops it if its
  * heartbeat stops. Resolves with the VM runner's status, its last lines, the
@@ -423,7 +432,7 @@ async function runOneVm(name, files, resultsDir) {
       return;
     }
     if (Date.now() - lastChange < (beat ? WEDGE_MS : FIRST_HEARTBEAT_MS)) return;
-    wedgedIn = beat ? (JSON.parse(beat).file ?? 'between files') : 'before its first test';
+    wedgedIn = beat ? (beatFile(beat) ?? 'between files') : 'before its first test';
     console.error(
       `run-tests: ${name}: no heartbeat from the VM for ${((Date.now() - lastChange) / 1000).toFixed(0)} s (wedged in ${wedgedIn}); stopping it`,
     );
