@@ -68,6 +68,7 @@ const BOOT_TIMEOUT_MS = 60_000; // spawn to the probe OS's ready line
 const DIRTY_TIMEOUT_MS = 300_000;
 const MIGRATE_TIMEOUT_MS = 300_000; // migrate to completed, -incoming to running
 const MiB = 2 ** 20;
+const MAPPED_RAM = [{ capability: 'mapped-ram', state: true }];
 /** What each save and restore round reports; medians of these are compared. */
 const PHASE_KEYS = [
   'saveMs',
@@ -352,8 +353,6 @@ async function waitForSocket(path) {
 
 // ------------------------------------------------------ mapped-ram restore
 
-const MAPPED_RAM = [{ capability: 'mapped-ram', state: true }];
-
 /** For each size: `runs` rounds of mappedRamRound, medians. */
 async function mappedRamRounds({ sizes, runs, dir }) {
   const out = [];
@@ -460,7 +459,7 @@ async function timedIncomingDefer({ cmd, dir, path, mapped }) {
     const ms = resume
       ? resume.timestamp.seconds * 1000 + resume.timestamp.microseconds / 1000 - sentAt
       : pollMs;
-    await vmm.waitLine(/^probe cpu=0 tick /, 10_000, 'a tick after the restore');
+    await vmm.waitLine(/^probe cpu=0 tick /, 60_000, 'a tick after the restore');
     const ticksBefore = vmm.lines.filter((l) => /^probe cpu=0 tick /.test(l)).length;
     await withTimeout(
       (async () => {

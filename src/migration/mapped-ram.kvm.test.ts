@@ -55,27 +55,36 @@ function guestArgs(): string[] {
 const lineRe = (re: RegExp) => (vmm: TsvmmProcess) => vmm.lines().filter((l) => re.test(l)).length;
 const ticks = lineRe(/^probe cpu=0 tick ns=\d+$/);
 
-/** Types `sum` on the console and returns the answer and how long it took. */
+/**
+ * Types `sum` on the console and returns the answer and how long it took.
+ * A line that got no answer within 10 s (scaled) is typed again, after an
+ * empty line that clears what the guest may hold of it: input typed at
+ * the console can be lost (a full UART), which is not what this checks.
+ */
 async function sum(vmm: TsvmmProcess): Promise<{ sum: bigint; ms: number }> {
   const before = vmm.lines().length;
   const t0 = Date.now();
-  vmm.type('sum');
   let answer: string | undefined;
-  try {
-    await waitFor(
-      'the answer to `sum`',
-      () => {
-        answer = vmm
-          .lines()
-          .slice(before)
-          .find((l) => /^probe mem sum=[0-9a-f]{16}$/.test(l));
-        return answer !== undefined;
-      },
-      40_000,
-    );
-  } catch (err) {
+  const answered = () => {
+    answer = vmm
+      .lines()
+      .slice(before)
+      .find((l) => /^probe mem sum=[0-9a-f]{16}$/.test(l));
+    return answer !== undefined;
+  };
+  let lastError: unknown;
+  for (let attempt = 0; attempt < 4 && !answered(); attempt++) {
+    vmm.type(attempt === 0 ? 'sum' : '\rsum');
+    try {
+      await waitFor('the answer to `sum`', answered, 10_000);
+    } catch (err) {
+      lastError = err;
+    }
+  }
+  if (!answered()) {
     throw new Error(
-      `${(err as Error).message}; the console's last lines:\n${vmm.lines().slice(-8).join('\n')}\nstderr:\n${vmm.stderr}`,
+      `${(lastError as Error).message} (typed 4 times); the console's last lines:\n` +
+        `${vmm.lines().slice(-8).join('\n')}\nstderr:\n${vmm.stderr}`,
     );
   }
   return { sum: BigInt(`0x${answer!.slice('probe mem sum='.length)}`), ms: Date.now() - t0 };
