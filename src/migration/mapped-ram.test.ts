@@ -10,6 +10,7 @@ import { openIncoming, withOutgoing } from './channels.js';
 import { MigrationCapabilityError, MigrationStreamError } from './errors.js';
 import { guestMemoryRam } from './guest-memory-ram.js';
 import {
+  countPresent,
   MAPPED_RAM_ALIGNMENT,
   MAPPED_RAM_HEADER_SIZE,
   MAPPED_RAM_HEADER_VERSION,
@@ -307,6 +308,20 @@ describe('mapped-ram layout', () => {
       dstMem.close();
     }
   });
+});
+
+test('countPresent counts the bits of the pages, whatever the bitmap length and alignment', () => {
+  for (const pages of [1, 7, 8, 31, 32, 33, 100, 1000, 4097]) {
+    for (const off of [0, 1, 4]) {
+      const buf = new Uint8Array(off + mappedRamBitmapBytes(pages));
+      randomFillSync(buf);
+      const bitmap = buf.subarray(off);
+      let want = 0;
+      for (let i = 0; i < pages; i++) if (pagePresent(bitmap, i)) want++;
+      const entry = { id: 'b', size: pages * PAGE_SIZE, bitmapOffset: 0, pagesOffset: 0, bitmap };
+      assert.equal(countPresent(entry), want, `${pages} pages at offset ${off}`);
+    }
+  }
 });
 
 describe('mapped-ram refusals: nothing applied, RAM never mapped', () => {

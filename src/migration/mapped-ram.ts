@@ -237,11 +237,39 @@ export async function loadMappedRamSection(
   return entries;
 }
 
-/** Counts the present pages of an entry. */
-export function countPresent(entry: MappedRamBlockEntry): number {
+/** Set bits of each byte value. */
+const POPCOUNT = Uint8Array.from({ length: 256 }, (_, v) => {
   let n = 0;
+  for (let b = v; b; b >>= 1) n += b & 1;
+  return n;
+});
+
+/** Set bits of a 32-bit word (the classic SWAR count). */
+function popcount32(v: number): number {
+  let x = v - ((v >>> 1) & 0x55555555);
+  x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+  x = (x + (x >>> 4)) & 0x0f0f0f0f;
+  return Math.imul(x, 0x01010101) >>> 24;
+}
+
+/**
+ * Counts the present pages of an entry: 32 pages at a time where the
+ * bitmap is 4-byte aligned in memory, else a byte at a time (a 2 GiB
+ * block has 512 Ki pages, and this is on the restore's critical path).
+ */
+export function countPresent(entry: MappedRamBlockEntry): number {
+  const { bitmap } = entry;
   const pages = entry.size / PAGE_SIZE;
-  for (let i = 0; i < pages; i++) if (pagePresent(entry.bitmap, i)) n++;
+  let n = 0;
+  let byte = 0;
+  if (bitmap.byteOffset % 4 === 0) {
+    const words = new Uint32Array(bitmap.buffer, bitmap.byteOffset, pages >>> 5);
+    for (let i = 0; i < words.length; i++) n += popcount32(words[i]!);
+    byte = words.length * 4;
+  }
+  const whole = pages >> 3;
+  for (; byte < whole; byte++) n += POPCOUNT[bitmap[byte]!]!;
+  for (let p = whole * 8; p < pages; p++) if (pagePresent(bitmap, p)) n++;
   return n;
 }
 
