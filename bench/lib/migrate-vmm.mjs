@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { QmpClient } from '../../dist/monitor/qmp-client.js';
 import { BenchError, collectTail, sleep, spawnTracked, stopChild, withTimeout } from './common.mjs';
 
-const CONNECT_TIMEOUT_MS = 30_000;
+// Generous: a Node process under nested emulation can take a minute to start.
+const CONNECT_TIMEOUT_MS = 180_000;
 const COMMAND_TIMEOUT_MS = 30_000;
 const POLL_MS = 5;
 

@@ -1,17 +1,23 @@
 /**
  * Migration capabilities (QAPI's MigrationCapability), as QEMU 7.2 lists
- * them in query-migrate-capabilities, and which of them tsvmm honours.
+ * them in query-migrate-capabilities, plus QEMU 9's `mapped-ram`, and
+ * which of them tsvmm honours.
  *
- * tsvmm honours `events` (MIGRATION and MIGRATION_PASS events) and
+ * tsvmm honours `events` (MIGRATION and MIGRATION_PASS events),
  * `pause-before-switchover` (the source waits in `pre-switchover` for
- * migrate-continue). Every other capability names a mechanism tsvmm does
+ * migrate-continue) and `mapped-ram` (QEMU 9's file layout where each RAM
+ * page has a fixed offset; only with a `file:` URI, see
+ * {@link checkCapabilityTransport}). Every other capability names a mechanism tsvmm does
  * not have (compression, postcopy, multifd, block migration, ...): it can
  * be set to false, which it already is, and setting it to true is refused
  * with the reason, so no client believes it is in effect.
  */
 import { MigrationCapabilityError } from './errors.js';
 
-/** QEMU 7.2's capabilities in its enum order, the order query-migrate-capabilities lists them. */
+/**
+ * QEMU 7.2's capabilities in its enum order, the order query-migrate-capabilities
+ * lists them, then QEMU 9's `mapped-ram`.
+ */
 export const MIGRATION_CAPABILITIES = [
   'xbzrle',
   'rdma-pin-all',
@@ -34,16 +40,41 @@ export const MIGRATION_CAPABILITIES = [
   'background-snapshot',
   'zero-copy-send',
   'postcopy-preempt',
+  // QEMU 9.0's, after the 7.2 list (QEMU 9 has others between, not offered here).
+  'mapped-ram',
 ] as const;
 
-/** A capability name QEMU 7.2 knows. */
+/** A capability name QEMU 7.2 knows, or `mapped-ram`. */
 export type MigrationCapability = (typeof MIGRATION_CAPABILITIES)[number];
 
 /** The capabilities tsvmm implements. */
 export const SUPPORTED_MIGRATION_CAPABILITIES: readonly MigrationCapability[] = [
   'events',
   'pause-before-switchover',
+  'mapped-ram',
 ];
+
+/**
+ * QEMU's check before a migration starts on either side: `mapped-ram`
+ * writes pages at fixed offsets, so it needs a seekable channel, which
+ * among tsvmm's transports only `file:` is. Throws
+ * {@link MigrationCapabilityError} (code MIGRATION_CAPABILITY_NEEDS_FILE)
+ * for any other transport; `transport` is the URI's scheme.
+ */
+export function checkCapabilityTransport(
+  capabilities: Pick<MigrationCapabilities, 'has'>,
+  transport: string,
+  uri: string,
+): void {
+  if (capabilities.has('mapped-ram') && transport !== 'file') {
+    throw new MigrationCapabilityError(
+      `Migration requires seekable transport (e.g. file): capability 'mapped-ram' writes ` +
+        `each RAM page at a fixed offset, so '${uri}' cannot carry it; use file:PATH or turn ` +
+        `'mapped-ram' off`,
+      'MIGRATION_CAPABILITY_NEEDS_FILE',
+    );
+  }
+}
 
 /** Why each other capability cannot be turned on here: what tsvmm lacks. */
 const UNSUPPORTED_REASON: Readonly<Record<string, string>> = {
@@ -107,7 +138,7 @@ export class MigrationCapabilities {
     for (const capability of next) this.on.add(capability);
   }
 
-  /** query-migrate-capabilities: every capability QEMU 7.2 lists, in its order, with its state. */
+  /** query-migrate-capabilities: every capability listed above, in its order, with its state. */
   query(): MigrationCapabilityStatus[] {
     return MIGRATION_CAPABILITIES.map((capability) => ({
       capability,

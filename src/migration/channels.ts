@@ -158,21 +158,42 @@ export interface IncomingEndpoint {
 
 // ------------------------------------------------------------------ file:
 
-/** A sink writing at increasing positions of a file handle. */
+/**
+ * A sink writing at increasing positions of a file handle; seekable: it
+ * can leave holes (skip) and write at given positions (writeAt), which
+ * the mapped-ram layout needs.
+ */
 export class FileHandleSink implements ByteSink {
+  /** Where the stream starts in the file. */
+  readonly fileOffset: number;
+
   constructor(
     private readonly fh: FileHandle,
     private position: number,
     private readonly where: string,
-  ) {}
+  ) {
+    this.fileOffset = position;
+  }
 
   async write(buf: Uint8Array): Promise<void> {
+    await this.writeFully(buf, this.position);
+    this.position += buf.length;
+  }
+
+  skip(n: number): void {
+    this.position += n;
+  }
+
+  async writeAt(buf: Uint8Array, position: number): Promise<void> {
+    await this.writeFully(buf, this.fileOffset + position);
+  }
+
+  private async writeFully(buf: Uint8Array, at: number): Promise<void> {
     let off = 0;
     try {
       while (off < buf.length) {
-        const { bytesWritten } = await this.fh.write(buf, off, buf.length - off, this.position);
+        const { bytesWritten } = await this.fh.write(buf, off, buf.length - off, at + off);
         off += bytesWritten;
-        this.position += bytesWritten;
       }
     } catch (err) {
       throw writeError(err, this.where);
@@ -241,6 +262,7 @@ async function openFileOutgoing(u: MigrationUri & { kind: 'file' }): Promise<Out
   };
 }
 
+/** Reads a file from a position on; seekable (skip, readAt) and with its fd for mmap. */
 class FileSource implements ByteSource {
   constructor(
     private readonly fh: FileHandle,
@@ -248,10 +270,23 @@ class FileSource implements ByteSource {
     private readonly path: string,
   ) {}
 
+  get fd(): number {
+    return this.fh.fd;
+  }
+
+  skip(n: number): void {
+    this.position += n;
+  }
+
   async read(into: Uint8Array): Promise<number> {
+    const n = await this.readAt(into, this.position);
+    this.position += n;
+    return n;
+  }
+
+  async readAt(into: Uint8Array, position: number): Promise<number> {
     try {
-      const { bytesRead } = await this.fh.read(into, 0, into.length, this.position);
-      this.position += bytesRead;
+      const { bytesRead } = await this.fh.read(into, 0, into.length, position);
       return bytesRead;
     } catch (err) {
       throw new MigrationChannelError(

@@ -20,7 +20,13 @@ export type MigrationStreamErrorCode =
   /** The bytes do not follow the format: an unknown marker, flag or value. */
   | 'MIGRATION_MALFORMED'
   /** A device's own hook refused the state while saving or loading. */
-  | 'MIGRATION_DEVICE_FAILED';
+  | 'MIGRATION_DEVICE_FAILED'
+  /**
+   * A capability that changes the stream's format (mapped-ram) is on at
+   * one end and off at the other (QEMU's "Capability ... is off, but
+   * received capability is on").
+   */
+  | 'MIGRATION_CAPABILITY_MISMATCH';
 
 /**
  * A migration stream could not be written or was refused on load. On load,
@@ -80,9 +86,21 @@ export class MigrationStateError extends TsvmmError {
   }
 }
 
-/** migrate-set-capabilities asked for a capability tsvmm cannot honour. */
+/** Codes of {@link MigrationCapabilityError}. */
+export type MigrationCapabilityErrorCode =
+  /** migrate-set-capabilities asked for a capability tsvmm cannot honour. */
+  | 'MIGRATION_UNSUPPORTED_CAPABILITY'
+  /** mapped-ram is on and the URI is not file: (QEMU's "requires seekable transport"). */
+  | 'MIGRATION_CAPABILITY_NEEDS_FILE';
+
+/** A capability cannot be turned on, or cannot be used with this URI. */
 export class MigrationCapabilityError extends TsvmmError {
-  constructor(message: string) {
-    super('MIGRATION_UNSUPPORTED_CAPABILITY', message);
+  declare readonly code: MigrationCapabilityErrorCode;
+
+  constructor(
+    message: string,
+    code: MigrationCapabilityErrorCode = 'MIGRATION_UNSUPPORTED_CAPABILITY',
+  ) {
+    super(code, message);
   }
 }

@@ -20,7 +20,8 @@ export const PC_RAM_BLOCK = 'pc.ram';
  * GuestMemory's are), or 0n for memory that is not such a mapping (a test
  * double over buffers): then pages are always read.
  */
-export type GuestRam = Pick<GuestMemory, 'slots' | 'view' | 'write'>;
+export type GuestRam = Pick<GuestMemory, 'slots' | 'view' | 'write'> &
+  Partial<Pick<GuestMemory, 'fileBacked'>>;
 
 /** Options for {@link guestMemoryRam}. */
 export interface GuestMemoryRamOptions {
@@ -112,12 +113,18 @@ export function guestMemoryRam(memory: GuestRam, options: GuestMemoryRamOptions 
   const result: RamAccessor = { blocks: total > 0 ? [block] : [] };
   if (mapped && (options.pagemap === undefined || options.pagemap === null)) {
     nativeLayouts.set(result, {
-      slots: pieces.map(({ gpa, size, hostAddr }) => ({ gpa, size, hostAddr })),
-      pagemap: options.pagemap === undefined,
+      layout: {
+        slots: pieces.map(({ gpa, size, hostAddr }) => ({ gpa, size, hostAddr })),
+        pagemap: options.pagemap === undefined,
+      },
+      memory,
     });
   }
   if (pagemap && mapped) {
     block.unpopulatedPages = (firstPage, count) => {
+      // RAM mapped from a file (a mapped-ram restore): a page not faulted
+      // in is the file's, not zero. Undefined makes the saver read pages.
+      if (memory.fileBacked) return undefined;
       const out = new Uint8Array(count);
       let ok = true;
       walk(firstPage * PAGE_SIZE, count * PAGE_SIZE, (gpa, at, n) => {
@@ -145,7 +152,7 @@ export interface NativeRamLayout {
   readonly pagemap: boolean;
 }
 
-const nativeLayouts = new WeakMap<RamAccessor, NativeRamLayout>();
+const nativeLayouts = new WeakMap<RamAccessor, { layout: NativeRamLayout; memory: GuestRam }>();
 
 /**
  * The layout of `ram` when it is a guestMemoryRam accessor over mapped
@@ -153,7 +160,10 @@ const nativeLayouts = new WeakMap<RamAccessor, NativeRamLayout>();
  * test's own pagemap): then only this thread can read it.
  */
 export function nativeRamLayout(ram: RamAccessor): NativeRamLayout | undefined {
-  return nativeLayouts.get(ram);
+  const entry = nativeLayouts.get(ram);
+  if (!entry) return undefined;
+  // pagemap cannot tell zero pages of RAM mapped from a file.
+  return entry.memory.fileBacked ? { ...entry.layout, pagemap: false } : entry.layout;
 }
 
 /**

@@ -136,6 +136,8 @@ interface HarnessOptions {
   mapped?: GuestMemory;
   /** The `events` capability (on by default here, so the tests can follow the statuses). */
   events?: boolean;
+  /** With `mapped`: a mapped-ram restore maps the file over it (the machine's hook). */
+  mapRam?: boolean;
 }
 
 function harness(o: HarnessOptions = {}) {
@@ -232,6 +234,14 @@ function harness(o: HarnessOptions = {}) {
     autostart: () => o.autostart ?? true,
     ramIsZeroed: !o.seed,
     ...(o.dirtyLog ? { dirtyLog: o.dirtyLog } : {}),
+    ...(o.mapRam && o.mapped
+      ? {
+          mapRamFromFile: (_id: string, fd: number, off: number, len: number) => {
+            log.push(`mapRam ${off} ${len}`);
+            o.mapped!.mapFilePrivate(fd, off, 0, len);
+          },
+        }
+      : {}),
   };
   const failures: Error[] = [];
   const migration = new MachineMigration(host, {
@@ -464,7 +474,7 @@ describe('MachineMigration (recording vCPU double)', () => {
       all.map((c) => c.capability),
       [...MIGRATION_CAPABILITIES],
     );
-    assert.equal(all.length, 21);
+    assert.equal(all.length, 22);
     assert.ok(all.every((c) => c.state === false));
     src.migration.setCapabilities([
       { capability: 'events', state: true },
@@ -836,6 +846,71 @@ describe('MachineMigration with RAM in a GuestMemory mapping: the RAM passes run
     ]);
     assert.equal(other.lifecycle.runstate.current, 'running');
     assert.equal(threads(), before, 'the migration thread has ended after the cancel');
+  });
+
+  test('mapped-ram: saved in one pass after the stop with no worker, restored by mapping the file; the guest dirty log is not used', async () => {
+    const before = threads();
+    const guest = new WritingGuest();
+    const src = harness({ seed: true, pages: 4096, mapped: mem, dirtyLog: guest });
+    src.migration.setCapabilities([{ capability: 'mapped-ram', state: true }]);
+    await assert.rejects(
+      src.migration.migrate('exec:cat > /dev/null'),
+      (e: unknown) =>
+        e instanceof MigrationCapabilityError && e.code === 'MIGRATION_CAPABILITY_NEEDS_FILE',
+    );
+    await src.lifecycle.vmStart();
+    const path = join(dir, 'vm.state');
+    let most = 0;
+    most = await sampleThreads(async () => {
+      await src.migration.migrate(`file:${path}`);
+      await src.migration.whenIdle();
+    });
+    assert.equal(src.migration.status, 'completed', JSON.stringify(src.migration.queryMigrate()));
+    assert.deepEqual(statuses(src.events), ['setup', 'active', 'pass 1', 'completed']);
+    assert.equal(guest.syncs, 0, 'no precopy passes: the dirty log was not used');
+    assert.equal(most, before, `no migration worker (${most} threads, ${before} before)`);
+    const saved = readFileSync(path);
+
+    // Without the capability on the destination: refused, as QEMU does.
+    const refused = harness({ pages: 4096 });
+    await refused.migration.startIncoming(`file:${path}`);
+    await refused.migration.whenIdle();
+    assert.equal(refused.migration.status, 'failed');
+    assert.match(
+      String(refused.migration.queryMigrate()['error-desc']),
+      /Capability mapped-ram is off/,
+    );
+    assert.equal(refused.lifecycle.runstate.current, 'inmigrate');
+
+    // -incoming defer, the capability, then migrate-incoming: RAM is mapped, not read.
+    const dstMem = GuestMemory.create(4096 * PAGE_SIZE, { layout: 'flat' });
+    try {
+      const dst = harness({ pages: 4096, mapped: dstMem, mapRam: true });
+      await dst.migration.startIncoming('defer');
+      dst.migration.setCapabilities([{ capability: 'mapped-ram', state: true }]);
+      await assert.rejects(
+        dst.migration.migrateIncoming('tcp:127.0.0.1:0'),
+        (e: unknown) =>
+          e instanceof MigrationCapabilityError && e.code === 'MIGRATION_CAPABILITY_NEEDS_FILE',
+      );
+      await dst.migration.migrateIncoming(`file:${path}`);
+      await until('the load', () => dst.migration.status === 'completed');
+      assert.equal(dst.lifecycle.runstate.current, 'running');
+      assert.equal(dst.log.filter((l) => l.startsWith('mapRam ')).length, 1);
+      assert.ok(dst.log.indexOf('mapRam') < dst.log.indexOf('resumeAll'));
+      assert.ok(dstMem.fileBacked);
+      assert.ok(
+        Buffer.from(dstMem.read(0, 4096 * PAGE_SIZE)).equals(
+          Buffer.from(mem.read(0, 4096 * PAGE_SIZE)),
+        ),
+        'RAM as saved',
+      );
+      for (const cpu of [0, 1]) assert.deepEqual(dst.restored[cpu], cpuState(cpu));
+      dstMem.fill(0, 4096 * PAGE_SIZE, 0x33);
+      assert.ok(readFileSync(path).equals(saved), 'the file is unchanged after RAM was written');
+    } finally {
+      dstMem.close();
+    }
   });
 
   test('precopy from the worker while the guest writes: the copy is exact, the main loop keeps ticking', async () => {

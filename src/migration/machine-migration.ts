@@ -47,6 +47,7 @@ import type { VmLifecycle } from '../system/cpus.js';
 import type { RunState } from '../system/runstate.js';
 import { traceEvent, withTraceThreadName } from '../trace/control.js';
 import {
+  checkCapabilityTransport,
   MIGRATION_CAPABILITIES,
   MigrationCapabilities,
   type MigrationCapabilityStatus,
@@ -62,6 +63,7 @@ import {
 } from './channels.js';
 import { MigrationChannelError } from './errors.js';
 import { nativeRamLayout } from './guest-memory-ram.js';
+import type { MapRamFromFile } from './mapped-ram.js';
 import type { ByteSink } from './qemu-file.js';
 import { PAGE_SIZE, type RamAccessor, type RamPageSelection, ramTotal } from './ram.js';
 import { WorkerStreamWriter } from './ram-worker.js';
@@ -126,6 +128,11 @@ export interface MigrationHost {
   readonly dirtyLog?: DirtyLog;
   /** Guest RAM is fresh and all zero (a new VM waiting for -incoming). */
   readonly ramIsZeroed?: boolean;
+  /**
+   * Maps a RAM block's pages from a mapped-ram file over guest RAM
+   * (MAP_PRIVATE), for a mapped-ram restore; absent, the pages are read.
+   */
+  readonly mapRamFromFile?: MapRamFromFile;
 }
 
 /** Where the progress line goes: a terminal gets one. */
@@ -194,11 +201,34 @@ class ControlledSink implements ByteSink {
     this.windowStart = now();
   }
 
+  get fileOffset(): number | undefined {
+    return this.inner.fileOffset;
+  }
+
   async write(buf: Uint8Array): Promise<void> {
     if (this.cancelled) throw cancelledError(this.where);
     await this.inner.write(buf);
-    this.bytes += buf.length;
-    this.windowBytes += buf.length;
+    await this.account(buf.length);
+  }
+
+  /** A seekable channel only (file:): a hole; it counts as no bytes written. */
+  async skip(n: number): Promise<void> {
+    if (this.cancelled) throw cancelledError(this.where);
+    if (!this.inner.skip) throw new Error('skip(): the channel is not seekable');
+    await this.inner.skip(n);
+  }
+
+  /** A seekable channel only (file:): bytes at a position (mapped-ram pages). */
+  async writeAt(buf: Uint8Array, position: number): Promise<void> {
+    if (this.cancelled) throw cancelledError(this.where);
+    if (!this.inner.writeAt) throw new Error('writeAt(): the channel is not seekable');
+    await this.inner.writeAt(buf, position);
+    await this.account(buf.length);
+  }
+
+  private async account(n: number): Promise<void> {
+    this.bytes += n;
+    this.windowBytes += n;
     const limit = this.bandwidth();
     if (!this.limited || limit <= 0) return;
     const due = (this.windowBytes / limit) * 1000;
@@ -344,6 +374,7 @@ export class MachineMigration implements MigrationControl {
       throw new QmpError('GenericError', "There's a migration process in progress");
     }
     const target = parseMigrationUri(uri);
+    checkCapabilityTransport(this.capabilities, target.kind, uri);
     this.state.start(ramTotal(this.host.ram));
     const job: OutgoingJob = {
       cancelled: false,
@@ -384,7 +415,11 @@ export class MachineMigration implements MigrationControl {
       // migration thread (a worker); RAM in buffers, here. The worker is
       // spawned first: its start-up (a new isolate, its modules) is most of
       // the setup, so the file is opened and dirty logging started meanwhile.
-      const layout = nativeRamLayout(host.ram);
+      // mapped-ram: written from here, each page at its offset straight
+      // from guest RAM (no worker, no copy), in one pass once stopped.
+      const mappedRam = this.capabilities.has('mapped-ram');
+      const layout = mappedRam ? undefined : nativeRamLayout(host.ram);
+      const dirtyLog = mappedRam ? undefined : host.dirtyLog;
       let sinkRef: ByteSink | undefined;
       const shape = {
         sink: { write: (buf: Uint8Array) => sinkRef!.write(buf) },
@@ -406,12 +441,18 @@ export class MachineMigration implements MigrationControl {
       job.sink = sink;
       sink.cancelled = job.cancelled;
       const writer: OutgoingWriter =
-        worker ?? new MigrationStreamWriter({ ...shape, sink, ram: host.ram });
+        worker ??
+        new MigrationStreamWriter({
+          ...shape,
+          sink,
+          ram: host.ram,
+          ...(mappedRam ? { mappedRam } : {}),
+        });
       progress.start(writer, sink);
-      if (host.dirtyLog) {
+      if (dirtyLog) {
         // Part of the setup, as QEMU's ram_save_setup: pages written from
         // here on are logged, so the first pass may read them stale.
-        await host.dirtyLog.start();
+        await dirtyLog.start();
         dirtyLogging = true;
       }
       await writer.begin();
@@ -419,7 +460,7 @@ export class MachineMigration implements MigrationControl {
       traceThread.emit({ phase: 'active' });
 
       let finalPages: readonly RamPageSelection[] | undefined;
-      if (host.dirtyLog) {
+      if (dirtyLog) {
         finalPages = await this.precopy(job, writer, sink, progress);
         // The passes' bytes go to disk while the guest still runs: the
         // fsync at close then has only the stopped part to write, and the
@@ -439,8 +480,8 @@ export class MachineMigration implements MigrationControl {
       await this.maybePause(job, target);
       sink.limited = false;
       const downtimeStart = sink.bytes;
-      if (host.dirtyLog) {
-        finalPages = mergeSelections(finalPages ?? [], await host.dirtyLog.sync());
+      if (dirtyLog) {
+        finalPages = mergeSelections(finalPages ?? [], await dirtyLog.sync());
         progress.pass(pageCount(finalPages));
       } else {
         progress.pass(ramTotal(host.ram) / PAGE_SIZE);
@@ -599,6 +640,7 @@ export class MachineMigration implements MigrationControl {
       throw new QmpError('GenericError', 'The incoming migration has already been started');
     }
     const target = parseMigrationUri(uri);
+    checkCapabilityTransport(this.capabilities, target.kind, uri);
     this.incomingStarted = true;
     let endpoint: IncomingEndpoint;
     try {
@@ -621,10 +663,20 @@ export class MachineMigration implements MigrationControl {
     const { host } = this;
     let channel: IncomingChannel | undefined;
     traceIncoming.emit({ phase: 'start' });
+    // QEMU reads the destination's own capabilities, set before migrate-incoming.
+    const mappedRam = this.capabilities.has('mapped-ram');
+    const uri = endpoint.uri;
     try {
       channel = await endpoint.accept();
       this.state.activate();
       const result = await loadVmState({
+        ...(mappedRam
+          ? {
+              mappedRam,
+              fileOffset: uri.kind === 'file' ? uri.offset : 0,
+              ...(host.mapRamFromFile ? { mapRam: host.mapRamFromFile } : {}),
+            }
+          : {}),
         source: channel.source,
         machineType: host.machineType,
         vcpus: host.vcpus,
@@ -644,7 +696,10 @@ export class MachineMigration implements MigrationControl {
         zeroPages: result.zeroPages,
         remaining: 0,
       });
-      traceIncoming.emit({ phase: 'loaded' });
+      traceIncoming.emit({
+        phase: 'loaded',
+        ...(result.mappedRam ? { ram: result.mappedRam } : {}),
+      });
       // Verified and applied to the section states: now into KVM, before anything runs.
       for (const d of host.devices) await d.restore?.();
       host.scheduleBottomHalf(PROCESS_INCOMING_MIGRATION_BH, () =>

@@ -164,7 +164,7 @@ test('events and pause-before-switchover: MIGRATION at each status, the source w
   await within(srcQmp.execute('migrate-set-capabilities', { capabilities }), 'set capabilities');
   const caps = await within(srcQmp.execute('query-migrate-capabilities'), 'query capabilities');
   assert.ok(Array.isArray(caps));
-  assert.equal(caps.length, 21);
+  assert.equal(caps.length, 22);
   assert.deepEqual(
     caps.filter((c) => isJsonObject(c) && c.state === true),
     capabilities,

@@ -8,6 +8,20 @@ import { MigrationStreamError } from './errors.js';
  */
 export interface ByteSink {
   write(buf: Uint8Array): Promise<void> | void;
+  /**
+   * Seekable sinks (a file) only: moves the write position `n` bytes on
+   * without writing them (a hole in a sparse file). Every earlier write
+   * has finished when the writer calls it.
+   */
+  skip?(n: number): Promise<void> | void;
+  /**
+   * Seekable sinks only: writes `buf` at byte `position` of the stream
+   * (from its start, not the file's), without moving the write position.
+   * The buffer is the caller's until the promise resolves.
+   */
+  writeAt?(buf: Uint8Array, position: number): Promise<void>;
+  /** Seekable sinks only: where the stream starts in its file (file:PATH,offset=N). */
+  readonly fileOffset?: number;
 }
 
 /**
@@ -16,6 +30,15 @@ export interface ByteSink {
  */
 export interface ByteSource {
   read(into: Uint8Array): Promise<number>;
+  /** Seekable sources (a file) only: moves the read position `n` bytes on without reading them. */
+  skip?(n: number): void;
+  /**
+   * Seekable sources only: fills `into` from byte `position` of the file
+   * (absolute, not from the stream's start); returns the bytes read.
+   */
+  readAt?(into: Uint8Array, position: number): Promise<number>;
+  /** Seekable sources over an open file only: its descriptor, for mmap. */
+  readonly fd?: number;
 }
 
 /** A position in a stream and the CRC-32 of every byte before it. */
@@ -164,6 +187,19 @@ export class StreamWriter {
       return undefined;
     }
     return this.advance();
+  }
+
+  /**
+   * Moves the stream `n` bytes on without writing them (the sink must be
+   * seekable): they count in `offset` but not in the running CRC-32, and
+   * the file keeps a hole there. Everything put before goes to the sink
+   * first.
+   */
+  async skip(n: number): Promise<void> {
+    if (!this.sink.skip) throw new Error('skip(): the sink is not seekable');
+    await this.flush();
+    await this.sink.skip(n);
+    this.written += n;
   }
 
   /** Writes everything put so far to the sink. */
@@ -359,6 +395,25 @@ export class StreamReader {
     return b;
   }
 
+  /**
+   * Passes over the next `n` bytes without reading them where they are not
+   * buffered yet (the source must be seekable): they count in `offset` but
+   * not in the running CRC-32, as on the writing side.
+   */
+  skip(n: number): void {
+    this.hashPending();
+    const have = this.end - this.pos;
+    if (have >= n) {
+      this.pos += n;
+      this.hashed = this.pos;
+      return;
+    }
+    if (!this.source.skip) throw new Error('skip(): the source is not seekable');
+    this.base += this.end + (n - have);
+    this.pos = this.end = this.hashed = 0;
+    this.source.skip(n - have);
+  }
+
   /** A string preceded by its one-byte length. */
   async str8(): Promise<string> {
     const p = this.need(1);
@@ -412,14 +467,22 @@ export class StreamReader {
   }
 }
 
-/** A source over bytes already in memory (a saved snapshot, a test). */
-export function bufferSource(data: Uint8Array): ByteSource {
-  let pos = 0;
+/** A source over bytes already in memory (a saved snapshot, a test); seekable, as a file image. */
+export function bufferSource(data: Uint8Array, start = 0): ByteSource {
+  let pos = start;
   return {
     async read(into) {
-      const n = Math.min(into.length, data.length - pos);
+      const n = Math.max(0, Math.min(into.length, data.length - pos));
       into.set(data.subarray(pos, pos + n));
       pos += n;
+      return n;
+    },
+    skip(n) {
+      pos += n;
+    },
+    async readAt(into, position) {
+      const n = Math.max(0, Math.min(into.length, data.length - position));
+      into.set(data.subarray(position, position + n));
       return n;
     },
   };

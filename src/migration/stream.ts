@@ -1,5 +1,13 @@
 import { crc32 } from './crc32.js';
 import { MigrationStreamError } from './errors.js';
+import {
+  applyMappedRam,
+  loadMappedRamSection,
+  MAPPED_RAM_CAPABILITY,
+  type MappedRamBlockEntry,
+  type MapRamFromFile,
+  saveMappedRam,
+} from './mapped-ram.js';
 import { type ByteSink, type ByteSource, StreamReader, StreamWriter } from './qemu-file.js';
 import {
   checkRamShape,
@@ -25,6 +33,7 @@ import {
   applyVMState,
   describeVMState,
   loadVMState,
+  QEMU_VM_SUBSECTION,
   type StagedVMState,
   saveVMState,
   type VMDescState,
@@ -241,8 +250,11 @@ function validateShape(shape: MachineShape): void {
   }
 }
 
-function configurationDesc(machineType: string): VMDescState {
-  return {
+/** QEMU's subsection of the configuration that lists the capabilities both ends must agree on. */
+export const CAPABILITIES_SUBSECTION = 'configuration/capabilities';
+
+function configurationDesc(machineType: string, capabilities: readonly string[]): VMDescState {
+  const desc: VMDescState = {
     vmsd_name: 'configuration',
     version: 1,
     fields: [
@@ -250,6 +262,24 @@ function configurationDesc(machineType: string): VMDescState {
       { name: 'name', type: 'buffer', size: Buffer.byteLength(machineType) },
     ],
   };
+  if (capabilities.length > 0) {
+    desc.subsections = [
+      {
+        vmsd_name: CAPABILITIES_SUBSECTION,
+        version: 1,
+        fields: [
+          { name: 'caps_count', type: 'uint32', size: 4 },
+          {
+            name: 'capabilities',
+            type: 'capability',
+            size: 4,
+            ...(capabilities.length > 1 ? { array_len: capabilities.length } : {}),
+          },
+        ],
+      },
+    ];
+  }
+  return desc;
 }
 
 /**
@@ -309,6 +339,13 @@ export interface StreamWriterOptions extends MachineShape {
   readonly chunkPages?: number;
   /** Bytes per second; unlimited when absent or 0. */
   readonly maxBandwidth?: number;
+  /**
+   * The mapped-ram layout (see mapped-ram.ts): the sink must be seekable
+   * (a file), RAM goes out in one pass with the guest stopped (sendRam
+   * without a selection, once), and the configuration section names the
+   * capability, as QEMU's does.
+   */
+  readonly mappedRam?: boolean;
 }
 
 /**
@@ -334,6 +371,8 @@ export class MigrationStreamWriter {
   private readonly descs: VMDesc['devices'] = [];
   private sections = 0;
   private phase: 'new' | 'ram' | 'done' = 'new';
+  /** mapped-ram: whether the START section with every page has been written. */
+  private mappedSent = false;
   /** The last answer of RamBlock.unpopulatedPages in this pass. */
   private unpopulated: { block: RamBlock; first: number; map: Uint8Array } | undefined;
   /** Blocks that could not answer unpopulatedPages: not asked again. */
@@ -371,6 +410,18 @@ export class MigrationStreamWriter {
     const name = Buffer.from(opts.machineType, 'utf8');
     w.u32(name.length);
     w.bytes(name);
+    if (opts.mappedRam) {
+      if (!opts.sink.writeAt || !opts.sink.skip) {
+        throw new RangeError('the mapped-ram layout needs a seekable sink (a file: URI)');
+      }
+      // QEMU's configuration/capabilities subsection: the capabilities
+      // that change the format, which the destination checks against its own.
+      w.u8(QEMU_VM_SUBSECTION);
+      w.str8(CAPABILITIES_SUBSECTION);
+      w.u32(1);
+      w.u32(1);
+      w.str8(MAPPED_RAM_CAPABILITY);
+    }
 
     const machine: MachineRecord = {
       cpus: opts.vcpus,
@@ -380,10 +431,26 @@ export class MigrationStreamWriter {
     };
     await this.fullSection(0, MACHINE_IDSTR, 0, machineVmsd, machine);
 
+    this.phase = 'ram';
+    // mapped-ram: the START section carries the pages, written in sendRam().
+    if (opts.mappedRam) return;
     this.header(QEMU_VM_SECTION_START, this.ramId, 'ram', 0, RAM_SECTION_VERSION);
     saveRamSetup(w, opts.ram);
     await this.endSection(this.ramId);
-    this.phase = 'ram';
+  }
+
+  /** mapped-ram: the START section with every block's header, bitmap and pages, once. */
+  private async sendMappedRam(selection?: readonly RamPageSelection[]): Promise<void> {
+    if (selection || this.mappedSent) {
+      throw new Error(
+        'the mapped-ram layout is written in one pass with the guest stopped: sendRam() once, without pages',
+      );
+    }
+    this.mappedSent = true;
+    this.header(QEMU_VM_SECTION_START, this.ramId, 'ram', 0, RAM_SECTION_VERSION);
+    await saveMappedRam(this.w, this.opts.sink, this.opts.ram, this.counters);
+    await this.endSection(this.ramId);
+    await this.w.settleAll();
   }
 
   /**
@@ -395,6 +462,7 @@ export class MigrationStreamWriter {
    */
   async sendRam(selection?: readonly RamPageSelection[]): Promise<void> {
     if (this.phase !== 'ram') throw new Error('sendRam() needs begin() first and no complete()');
+    if (this.opts.mappedRam) return this.sendMappedRam(selection);
     let open = false;
     let inSection = 0;
     // Never reuse what pagemap said in an earlier pass.
@@ -492,6 +560,7 @@ export class MigrationStreamWriter {
   ): Promise<StreamStats> {
     if (selection) await this.sendRam(selection);
     if (this.phase !== 'ram') throw new Error('complete() needs begin() first, once');
+    if (this.opts.mappedRam && !this.mappedSent) await this.sendMappedRam();
     const { w, opts } = this;
     this.header(QEMU_VM_SECTION_END, this.ramId);
     saveRamEos(w);
@@ -519,7 +588,10 @@ export class MigrationStreamWriter {
     }
 
     const json: VMDesc = {
-      configuration: configurationDesc(opts.machineType),
+      configuration: configurationDesc(
+        opts.machineType,
+        opts.mappedRam ? [MAPPED_RAM_CAPABILITY] : [],
+      ),
       page_size: PAGE_SIZE,
       devices: [
         { name: MACHINE_IDSTR, instance_id: 0, ...describeVMState(machineVmsd) },
@@ -662,6 +734,21 @@ export interface StreamLoadOptions extends MachineShape {
   readonly ramIsZeroed?: boolean;
   /** Called after each verified RAM chunk with the counts so far. */
   readonly onProgress?: (stats: StreamStats) => void;
+  /**
+   * The destination's mapped-ram capability. The stream's configuration
+   * must say the same (QEMU's check: a mismatch is
+   * MIGRATION_CAPABILITY_MISMATCH); with it, RAM is in the mapped-ram
+   * layout and the source must be seekable (file:).
+   */
+  readonly mappedRam?: boolean;
+  /**
+   * mapped-ram: maps a block's pages from the file over its guest RAM
+   * (MAP_PRIVATE), once the whole stream is verified. Without it (or
+   * without the source's fd) the present pages are read and copied.
+   */
+  readonly mapRam?: MapRamFromFile;
+  /** mapped-ram: where the stream starts in its file (file:PATH,offset=N). Default 0. */
+  readonly fileOffset?: number;
 }
 
 /** What {@link loadVmState} read. */
@@ -670,11 +757,18 @@ export interface LoadResult extends StreamStats {
   sections: number;
   /** The vmdesc JSON from the end of the stream. */
   vmdesc: VMDesc;
+  /** mapped-ram: whether guest RAM was mapped from the file or its pages copied. */
+  mappedRam?: 'mapped' | 'copied';
 }
 
 type Pending =
   | { kind: 'machine'; id: number; record: MachineRecord }
-  | { kind: 'ram'; id: number; blockList: RamBlockEntry[] | undefined }
+  | {
+      kind: 'ram';
+      id: number;
+      blockList: RamBlockEntry[] | undefined;
+      mapped?: MappedRamBlockEntry[];
+    }
   | { kind: 'device'; id: number; device: DeviceSection; staged: StagedVMState<unknown> };
 
 function fail(code: MigrationStreamError['code'], message: string): MigrationStreamError {
@@ -714,7 +808,9 @@ async function loadInner(
   counters: RamCounters,
   touchRam: () => void,
 ): Promise<LoadResult> {
-  await readHeader(r, opts.machineType);
+  await readHeader(r, opts.machineType, opts.mappedRam ?? false);
+  const mappedRam = opts.mappedRam ?? false;
+  let mappedBlocks: MappedRamBlockEntry[] | undefined;
 
   const devices = new Map<string, DeviceSection>();
   for (const d of opts.devices) devices.set(`${d.idstr}#${d.instanceId}`, d);
@@ -814,6 +910,8 @@ async function loadInner(
         machineSeen = true;
       } else if (done.kind === 'ram') {
         if (done.blockList) checkRamShape(done.blockList, opts.ram);
+        // mapped-ram: kept until the whole stream is verified, then mapped.
+        if (done.mapped) mappedBlocks = done.mapped;
         if (stage.pages > 0) touchRam();
         committer.commit(stage);
         counters.normalPages += stage.normalPages;
@@ -849,6 +947,15 @@ async function loadInner(
       }
       const vmdesc = await readTail(r, rec);
       checkAllDevices(opts.devices, loaded);
+      let how: LoadResult['mappedRam'];
+      if (mappedBlocks) {
+        touchRam();
+        how = await applyMappedRam(mappedBlocks, opts.ram, opts.source, {
+          ...(opts.mapRam ? { map: opts.mapRam } : {}),
+          ramIsZeroed: opts.ramIsZeroed ?? false,
+          counters,
+        });
+      }
       for (const v of verified) {
         try {
           applyVMState(v.staged, v.device.state);
@@ -861,7 +968,13 @@ async function loadInner(
           );
         }
       }
-      return { bytes: r.offset, ...counters, sections: sections - 1, vmdesc };
+      return {
+        bytes: r.offset,
+        ...counters,
+        sections: sections - 1,
+        vmdesc,
+        ...(how ? { mappedRam: how } : {}),
+      };
     }
 
     if (idstr === MACHINE_IDSTR) {
@@ -892,9 +1005,28 @@ async function loadInner(
       } else if (type === QEMU_VM_SECTION_FULL) {
         throw fail('MIGRATION_MALFORMED', "a FULL 'ram' section");
       }
+      if (mappedRam && isStart) {
+        if (!opts.source.skip) {
+          throw fail(
+            'MIGRATION_MALFORMED',
+            'the mapped-ram layout needs a seekable source (a file: URI)',
+          );
+        }
+        const mapped = await loadMappedRamSection(r, opts.fileOffset ?? 0);
+        await readFooter(r, id);
+        const blockList = mapped.map((m) => ({ id: m.id, size: m.size }));
+        pending = { kind: 'ram', id, blockList, mapped };
+        continue;
+      }
       const blockList = await loadRamSection(r, opts.ram, isStart, stage);
       if (isStart && !blockList && hasRam) {
         throw fail('MIGRATION_MALFORMED', "the 'ram' START section has no block list");
+      }
+      if (mappedRam && stage.pages > 0) {
+        throw fail(
+          'MIGRATION_MALFORMED',
+          "a mapped-ram stream has pages outside its 'ram' START section",
+        );
       }
       await readFooter(r, id);
       if (type === QEMU_VM_SECTION_END) ramPhase = 'ended';
@@ -918,7 +1050,7 @@ async function loadInner(
   }
 }
 
-async function readHeader(r: StreamReader, machineType: string): Promise<void> {
+async function readHeader(r: StreamReader, machineType: string, mappedRam: boolean): Promise<void> {
   let p = r.need(4);
   if (p) await p;
   const magic = r.u32();
@@ -959,6 +1091,51 @@ async function readHeader(r: StreamReader, machineType: string): Promise<void> {
       `machine type mismatch: the stream is for '${name}', this machine is '${machineType}'`,
     );
   }
+  const received = await readCapabilities(r);
+  // QEMU's configuration_validate_capabilities: each end's own setting wins.
+  const streamMapped = received.includes(MAPPED_RAM_CAPABILITY);
+  if (streamMapped !== mappedRam) {
+    const on = (b: boolean) => (b ? 'on' : 'off');
+    throw fail(
+      'MIGRATION_CAPABILITY_MISMATCH',
+      `Capability ${MAPPED_RAM_CAPABILITY} is ${on(mappedRam)}, but received capability is ` +
+        `${on(streamMapped)}: ${
+          streamMapped
+            ? 'the file was saved with mapped-ram; turn it on here with migrate-set-capabilities before migrate-incoming (start with -incoming defer)'
+            : 'the file was saved without mapped-ram; turn it off here'
+        }`,
+    );
+  }
+}
+
+/** The configuration/capabilities subsection, if the stream has one: the capability names. */
+async function readCapabilities(r: StreamReader): Promise<string[]> {
+  let p = r.need(1);
+  if (p) await p;
+  if (r.peekU8() !== QEMU_VM_SUBSECTION) return [];
+  r.u8();
+  const sub = await r.str8();
+  p = r.need(8);
+  if (p) await p;
+  const version = r.u32();
+  if (sub !== CAPABILITIES_SUBSECTION || version !== 1) {
+    throw fail(
+      'MIGRATION_MALFORMED',
+      `the configuration has subsection '${sub}' version ${version}; tsvmm writes only '${CAPABILITIES_SUBSECTION}' version 1`,
+    );
+  }
+  const count = r.u32();
+  if (count > 64) throw fail('MIGRATION_MALFORMED', `${count} capabilities in the configuration`);
+  const names: string[] = [];
+  for (let i = 0; i < count; i++) names.push(await r.str8());
+  const unknown = names.filter((n) => n !== MAPPED_RAM_CAPABILITY);
+  if (unknown.length > 0) {
+    throw fail(
+      'MIGRATION_CAPABILITY_MISMATCH',
+      `Received unknown capability ${unknown.join(', ')}: tsvmm validates only ${MAPPED_RAM_CAPABILITY}`,
+    );
+  }
+  return names;
 }
 
 async function readFooter(r: StreamReader, id: number): Promise<void> {

@@ -3,7 +3,8 @@
  * devices (migration-devices.ts), its vCPU count and lifecycle, and what
  * the process around it provides (bottom halves, QMP events, autostart).
  */
-import { guestMemoryRam } from '../../migration/guest-memory-ram.js';
+import { MigrationStreamError } from '../../migration/errors.js';
+import { guestMemoryRam, PC_RAM_BLOCK } from '../../migration/guest-memory-ram.js';
 import type { MigrationHost } from '../../migration/machine-migration.js';
 import type { X86Machine } from './machine.js';
 import { x86MigrationDevices } from './migration-devices.js';
@@ -38,6 +39,24 @@ export function x86MigrationHost(
       restoredTsc: machine.restoredTsc,
     }),
     lifecycle: machine.lifecycle,
+    // A mapped-ram restore: the file's pages become guest RAM. The slots go
+    // first and come back after, so KVM registers them over the new
+    // mapping rather than following the change through its MMU notifier.
+    mapRamFromFile: (blockId, fd, fileOffset, length) => {
+      const { memory, vm } = machine;
+      if (blockId !== PC_RAM_BLOCK || length !== memory.size) {
+        throw new MigrationStreamError(
+          'MIGRATION_SHAPE_MISMATCH',
+          `RAM block '${blockId}' of ${length} bytes is not this machine's '${PC_RAM_BLOCK}' of ${memory.size}`,
+        );
+      }
+      memory.unregister(vm);
+      try {
+        memory.mapFilePrivate(fd, fileOffset, 0, length);
+      } finally {
+        memory.register(vm);
+      }
+    },
     ...options,
   };
 }

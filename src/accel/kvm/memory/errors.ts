@@ -46,3 +46,13 @@ export class InvalidMemorySizeError extends TsvmmError {
     super('INVALID_MEMORY_SIZE', message);
   }
 }
+
+/** A file could not be mapped over guest RAM (a mapped-ram restore). */
+export class GuestMemoryMapFileError extends TsvmmError {
+  readonly errno: number;
+
+  constructor(message: string, errno: number) {
+    super('GUEST_MEMORY_MAP_FILE_FAILED', message);
+    this.errno = errno;
+  }
+}

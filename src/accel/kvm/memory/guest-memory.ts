@@ -16,6 +16,7 @@ import {
   MADV_POPULATE_WRITE,
   MAP_ANONYMOUS,
   MAP_FAILED,
+  MAP_FIXED,
   MAP_NORESERVE,
   MAP_PRIVATE,
   PROT_READ,
@@ -31,6 +32,7 @@ import {
   GuestMemoryAllocError,
   GuestMemoryClosedError,
   GuestMemoryError,
+  GuestMemoryMapFileError,
   InvalidMemorySizeError,
 } from './errors.js';
 import { flatRamLayout, pcRamLayout, type RamRegion } from './layout.js';
@@ -95,6 +97,7 @@ export class GuestMemory {
   readonly #base: bigint;
   readonly #slots: SlotState[];
   #closed = false;
+  #fileBacked = false;
 
   private constructor(base: bigint, size: number, regions: RamRegion[], firstSlot: number) {
     this.#base = base;
@@ -200,6 +203,71 @@ export class GuestMemory {
   /** Whether close() has been called. */
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /**
+   * Whether RAM is (partly) a private mapping of a file
+   * ({@link mapFilePrivate}): a page it has not faulted in is then not
+   * zero, so pagemap cannot tell zero pages.
+   */
+  get fileBacked(): boolean {
+    return this.#fileBacked;
+  }
+
+  /**
+   * Maps `length` bytes of the open file `fd` from `fileOffset` over guest
+   * RAM from byte `ramOffset` of the mapping (QEMU's RAM block offset),
+   * with mmap(MAP_PRIVATE | MAP_FIXED) at the same host addresses: pages
+   * fault in from the page cache on first touch, a write (by the guest or
+   * the host) goes to a private copy and never to the file, and a hole in
+   * the file reads as zero. Views made before stay valid (same
+   * addresses). The file may be closed afterwards; it must not shrink
+   * while mapped (a page past its end would fault with SIGBUS), which the
+   * caller checks. KVM follows a host mapping that changes under a
+   * registered slot (its MMU notifier drops what it had mapped), but
+   * callers that can should unregister the slots first and register them
+   * again afterwards.
+   */
+  mapFilePrivate(fd: number, fileOffset: number, ramOffset = 0, length = this.size): void {
+    this.check();
+    if (
+      !Number.isSafeInteger(fileOffset) ||
+      fileOffset < 0 ||
+      fileOffset % PAGE_SIZE !== 0 ||
+      ramOffset % PAGE_SIZE !== 0 ||
+      length % PAGE_SIZE !== 0 ||
+      ramOffset < 0 ||
+      length <= 0 ||
+      ramOffset + length > this.size
+    ) {
+      throw new GuestMemoryMapFileError(
+        `cannot map ${length} bytes of a file at offset ${fileOffset} over guest RAM at ${ramOffset}: ` +
+          `offsets and length must be page aligned and within the ${this.size} bytes of RAM`,
+        0,
+      );
+    }
+    const at = this.#base + BigInt(ramOffset);
+    // From here the range may no longer hold the old pages, even if the
+    // call fails (mmap with MAP_FIXED unmaps first).
+    this.#fileBacked = true;
+    const got = sysMmap(
+      at,
+      length,
+      PROT_READ | PROT_WRITE,
+      MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE,
+      fd,
+      fileOffset,
+    );
+    if (got !== at) {
+      const errno = lastErrno();
+      throw new GuestMemoryMapFileError(
+        `cannot map the saved RAM file (fd ${fd}, offset ${fileOffset}, ${length} bytes) over guest RAM ` +
+          `(${errnoName(errno)}); this VM's RAM is now unusable: do not run it`,
+        errno,
+      );
+    }
+    // As create() does for the anonymous mapping (only advice).
+    sysMadvise(at, length, MADV_DONTFORK);
   }
 
   /** Registers every slot with `vm` (KVM_SET_USER_MEMORY_REGION). */
