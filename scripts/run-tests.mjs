@@ -290,6 +290,8 @@ const VM_FILE_SECONDS = {
   // Estimated: both VMs that ran it in the measured run stopped before it ended.
   'migration/live-migration.kvm.test.js': 250,
   'migration/migration-capabilities.kvm.test.js': 60,
+  // Estimated from a run of its own: one probe OS save and two restores.
+  'migration/mapped-ram.kvm.test.js': 120,
 };
 
 /** A guess for a KVM file that VM_FILE_SECONDS does not list: Linux boots cost minutes. */
