@@ -47,7 +47,7 @@ function guestArgs(): string[] {
     '-append',
     // The watchdog's threshold (1 s by default) stretches with the time
     // scale: under emulation a vCPU can wait that long for a host CPU.
-    `console=ttyS0 probe.tick_ms=50 probe.dirty_mb=64 probe.dirty_rate_mb=32 probe.watchdog_ms=${scaled(1000)}`,
+    `console=ttyS0 probe.tick_ms=${scaled(50)} probe.dirty_mb=64 probe.dirty_rate_mb=32 probe.watchdog_ms=${scaled(1000)}`,
     '-serial',
     'stdio',
   ];

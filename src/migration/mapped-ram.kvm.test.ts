@@ -46,7 +46,7 @@ function guestArgs(): string[] {
     // One pass of the dirty pattern over 2 MiB, then the area stays as it
     // is. Small: on the mapped destination each 4 KiB page the sum reads is
     // a first touch (a nested page fault, slow in the emulated test VM).
-    `console=ttyS0 probe.tick_ms=50 probe.dirty_mb=${DIRTY_MB} probe.watchdog_ms=${scaled(1000)}`,
+    `console=ttyS0 probe.tick_ms=${scaled(50)} probe.dirty_mb=${DIRTY_MB} probe.watchdog_ms=${scaled(1000)}`,
     '-serial',
     'stdio',
   ];
