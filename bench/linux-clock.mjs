@@ -17,11 +17,15 @@
 // there), with CTRL and with -x-no-kvmclock-ctrl, and freeze without CTRL.
 // Only the realtime jump without CTRL should bring a soft-lockup splat.
 //
+// `--scenario live` migrates the running guest live to a second process of
+// the same VMM over a unix socket, and reports the clocks' step across the
+// switch-over against the VMM's own downtime figure.
+//
 // Needs the guest image (`node scripts/build-guest.mjs`) and hardware KVM;
 // without it, run it in the VM runner:
 //   ../shared/tools/kvm-vm/run --smp 1 -- node bench/linux-clock.mjs --interval 1000
 //
-// Usage: npm run bench -- linux-clock [--scenario clocks|ctrl] [--pause SECONDS] [--interval MS]
+// Usage: npm run bench -- linux-clock [--scenario clocks|ctrl|live] [--pause SECONDS] [--interval MS]
 //                                      [--smp N] [--watchdog-thresh S] [--timeout SECONDS]
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -66,8 +70,8 @@ await runBench('linux-clock', async () => {
     strict: true,
   });
   const scenario = values.scenario;
-  if (scenario !== 'clocks' && scenario !== 'ctrl')
-    throw new BenchError(`--scenario ${scenario}: give clocks or ctrl`);
+  if (!['clocks', 'ctrl', 'live'].includes(scenario))
+    throw new BenchError(`--scenario ${scenario}: give clocks, ctrl or live`);
   const pauseMs = Number(values.pause ?? (scenario === 'ctrl' ? '10' : '5')) * 1000;
   INTERVAL_MS = Number(values.interval);
   if (!(INTERVAL_MS >= 10)) throw new BenchError(`--interval ${values.interval}: give ms >= 10`);
@@ -162,12 +166,20 @@ await runBench('linux-clock', async () => {
       incomingUri: (path) => `exec:cat ${path}`,
     },
   ];
+  if (scenario === 'live') {
+    const rows = [];
+    for (const vmm of vmms) {
+      const live = await measureLive(vmm, dir, timeoutMs);
+      console.error(`linux-clock: ${vmm.label}: live ${JSON.stringify(live, bigints)}`);
+      rows.push({ vmm, live });
+    }
+    reportLive(rows);
+    return;
+  }
   const rows = [];
   for (const vmm of vmms) {
     const result = await measure(vmm, dir, pauseMs, timeoutMs);
-    console.error(
-      `linux-clock: ${vmm.label}: ${JSON.stringify(result, (_k, v) => (typeof v === 'bigint' ? String(v) : v))}`,
-    );
+    console.error(`linux-clock: ${vmm.label}: ${JSON.stringify(result, bigints)}`);
     rows.push({ vmm, result });
   }
   report(rows, pauseMs);
@@ -211,6 +223,81 @@ async function measure(vmm, dir, pauseMs, timeoutMs) {
   } finally {
     await closeVm(src);
   }
+}
+
+/** JSON.stringify's replacer for figures in ns. */
+function bigints(_key, value) {
+  return typeof value === 'bigint' ? String(value) : value;
+}
+
+/** One VMM: the running guest migrated live to a second process over a unix socket. */
+async function measureLive(vmm, dir, timeoutMs) {
+  const tag = vmm.label.replace(/\W+/g, '-');
+  const src = await start(vmm, dir, `${tag}-live-src`, [], timeoutMs);
+  try {
+    await waitSample(src, 10, timeoutMs);
+    const sock = join(dir, `${tag}-live.sock`);
+    const dst = await start(vmm, dir, `${tag}-live-dst`, ['-incoming', `unix:${sock}`], timeoutMs);
+    try {
+      const sent = process.hrtime.bigint();
+      await src.qmp.execute('migrate', { uri: `unix:${sock}` });
+      const done = await waitMigrated(src.qmp, timeoutMs);
+      const totalNs = process.hrtime.bigint() - sent;
+      const near = lastSample(src);
+      await waitStatus(dst.qmp, 'running', timeoutMs);
+      await waitSample(dst, near.n + 8, timeoutMs);
+      // The destination goes on with the source's sample numbers.
+      const samples = [src, dst].flatMap(
+        (vm) => parseClockReport(readFileSync(vm.serial, 'utf8')).samples,
+      );
+      const seen = pauseAround(samples, near.n - 3, near.n + 8, intervalNs());
+      const [a, b] = [health(src), health(dst)];
+      return {
+        ...seen.beyond,
+        totalNs,
+        downtimeMs: done.downtime,
+        backwards: a.backwards + b.backwards,
+        splats: a.splats + b.splats,
+      };
+    } finally {
+      await closeVm(dst);
+    }
+  } finally {
+    await closeVm(src);
+  }
+}
+
+function reportLive(rows) {
+  const ms = (ns) => (Number(ns) / 1e6).toFixed(1);
+  const lines = [
+    [
+      'VMM',
+      'migrate to completed ms',
+      'its downtime ms',
+      'realtime +ms',
+      'monotonic +ms',
+      'raw +ms',
+      'backwards',
+      'splats',
+    ],
+  ];
+  for (const { vmm, live } of rows) {
+    lines.push([
+      vmm.label,
+      ms(live.totalNs),
+      String(live.downtimeMs ?? '-'),
+      ms(live.realtime),
+      ms(live.monotonic),
+      ms(live.raw),
+      String(live.backwards),
+      String(live.splats),
+    ]);
+  }
+  console.log(table(lines, (col) => col >= 1));
+  const key = (label) => (label.startsWith('QEMU') ? 'qemu' : label.replace(' ', '_'));
+  console.log(
+    `RESULT ${rows.map(({ vmm, live }) => `${key(vmm.label)}_live_step_ms=${ms(live.monotonic)} ${key(vmm.label)}_live_splats=${live.splats}`).join(' ')}`,
+  );
 }
 
 async function start(vmm, dir, name, extra, timeoutMs) {
@@ -272,7 +359,7 @@ async function waitMigrated(qmp, timeoutMs) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const m = await qmp.execute('query-migrate');
-    if (m.status === 'completed') return;
+    if (m.status === 'completed') return m;
     if (m.status === 'failed') throw new BenchError(`migration failed: ${m['error-desc'] ?? ''}`);
     if (Date.now() > deadline) throw new BenchError('migration did not complete');
     await sleep(50);
