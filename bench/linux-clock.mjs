@@ -251,13 +251,17 @@ async function measureLive(vmm, dir, timeoutMs) {
         (vm) => parseClockReport(readFileSync(vm.serial, 'utf8')).samples,
       );
       const seen = pauseAround(samples, near.n - 3, near.n + 8, intervalNs());
-      const [a, b] = [health(src), health(dst)];
+      const [a, b] = [src, dst].map((vm) => parseClockReport(readFileSync(vm.serial, 'utf8')));
       return {
         ...seen.beyond,
         totalNs,
         downtimeMs: done.downtime,
-        backwards: a.backwards + b.backwards,
-        splats: a.splats + b.splats,
+        backwards: a.backwards.length + b.backwards.length,
+        splats: a.splats.length + b.splats.length,
+        // What a splat said, and on which side: the figures alone do not tell a stall from a lockup.
+        firstSplat: a.splats[0]
+          ? `source: ${a.splats[0]}`
+          : b.splats[0] && `destination: ${b.splats[0]}`,
       };
     } finally {
       await closeVm(dst);
@@ -279,6 +283,7 @@ function reportLive(rows) {
       'raw +ms',
       'backwards',
       'splats',
+      'first splat',
     ],
   ];
   for (const { vmm, live } of rows) {
@@ -291,9 +296,10 @@ function reportLive(rows) {
       ms(live.raw),
       String(live.backwards),
       String(live.splats),
+      live.firstSplat ? live.firstSplat.slice(0, 80) : '-',
     ]);
   }
-  console.log(table(lines, (col) => col >= 1));
+  console.log(table(lines, (col) => col >= 1 && col <= 7));
   const key = (label) => (label.startsWith('QEMU') ? 'qemu' : label.replace(' ', '_'));
   console.log(
     `RESULT ${rows.map(({ vmm, live }) => `${key(vmm.label)}_live_step_ms=${ms(live.monotonic)} ${key(vmm.label)}_live_splats=${live.splats}`).join(' ')}`,
