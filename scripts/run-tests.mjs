@@ -363,14 +363,14 @@ const WATCH_MS = 10_000;
  * in nested KVM, the whole one-CPU VM stopped making progress, its own
  * timers included, so no test timeout could fire inside it.
  */
-const WEDGE_MS = Number(process.env.TSVMM_TEST_VM_WEDGE_SECONDS ?? 240) * 1000;
+const WEDGE_MS = Number(process.env.TSVMM_TEST_VM_WEDGE_SECONDS ?? 180) * 1000;
 /**
  * How many VMs one shard may use in all (TSVMM_TEST_VM_RUNS overrides), and
  * after how long it starts no more. Measured: two wedges in one shard of one
  * run, in different files, each gone in a new VM.
  */
 const VM_RUNS = Number(process.env.TSVMM_TEST_VM_RUNS ?? 5);
-const VM_RUNS_UNTIL_MS = 70 * 60_000;
+const VM_RUNS_UNTIL_MS = 60 * 60_000;
 /** The first heartbeat comes after the VM runner's first-use set-up and the VM's boot. */
 const FIRST_HEARTBEAT_MS = 900_000;
 
