@@ -13,7 +13,8 @@
  * - never backwards, and no splat where none is expected, with
  *   `watchdog_thresh=1`.
  *
- * The kvmclock sanitizer runs in every test and must stay silent.
+ * The kvmclock sanitizer runs in every test, and must stay silent in the
+ * first two (the CTRL test turns CTRL off on purpose, so it does not ask).
  *
  * - why KVMCLOCK_CTRL exists: with one CPU kept busy in user space (an idle
  *   CPU's wake-up touches the soft-lockup watchdog anyway), a 10 s
