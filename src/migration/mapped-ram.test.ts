@@ -7,7 +7,7 @@ import { after, describe, test } from 'node:test';
 import { GuestMemory } from '../accel/kvm/memory/guest-memory.js';
 import { checkCapabilityTransport, MigrationCapabilities } from './capabilities.js';
 import { openIncoming, withOutgoing } from './channels.js';
-import { MigrationCapabilityError, MigrationStreamError } from './errors.js';
+import { MigrationCapabilityError } from './errors.js';
 import { guestMemoryRam } from './guest-memory-ram.js';
 import {
   countPresent,
@@ -20,7 +20,7 @@ import {
 import { BufferSink, bufferSource } from './qemu-file.js';
 import { PAGE_SIZE, RAM_SAVE_FLAG_MEM_SIZE, type RamAccessor } from './ram.js';
 import { type DeviceSection, type LoadResult, loadVmState, saveVmState } from './stream.js';
-import { allTypes, type FixtureMachine, fixtureMachine } from './test-fixtures.js';
+import { allTypes, type FixtureMachine, fixtureMachine, refusal } from './test-fixtures.js';
 
 const MACHINE = 'pc';
 const dir = mkdtempSync(join(tmpdir(), 'tsvmm-mapped-ram-'));
@@ -135,19 +135,6 @@ function assertUntouched(m: FixtureMachine): void {
   assert.equal(m.clock.clock, 0n);
   for (const c of m.cpus) assert.equal(c.rip, 0n);
   for (const [id, mem] of m.ram.memory) assert.ok(isZero(mem), `RAM block ${id} was written`);
-}
-
-async function refusal(p: Promise<unknown>): Promise<MigrationStreamError> {
-  try {
-    await p;
-  } catch (err) {
-    assert.ok(
-      err instanceof MigrationStreamError,
-      `expected MigrationStreamError, got ${String(err)}`,
-    );
-    return err;
-  }
-  assert.fail('the file was accepted');
 }
 
 describe('mapped-ram layout', () => {
@@ -336,6 +323,7 @@ describe('mapped-ram refusals: nothing applied, RAM never mapped', () => {
     let mapped = 0;
     const err = await refusal(
       loadFrom(path, { ...dst, vcpus: dst.cpus.length }, { ...extra, mapRam: () => void mapped++ }),
+      'the file',
     );
     assert.equal(mapped, 0, 'RAM was not mapped');
     assert.equal(err.ramTouched, false);
@@ -388,7 +376,10 @@ describe('mapped-ram refusals: nothing applied, RAM never mapped', () => {
       saveVmState({ sink, machineType: MACHINE, vcpus: 2, ram: src.ram, devices: src.devices }),
     );
     const dst = fixtureMachine(false);
-    const err2 = await refusal(loadFrom(plain, { ...dst, vcpus: 2 }, { mappedRam: true }));
+    const err2 = await refusal(
+      loadFrom(plain, { ...dst, vcpus: 2 }, { mappedRam: true }),
+      'the file',
+    );
     assert.equal(err2.code, 'MIGRATION_CAPABILITY_MISMATCH');
     assert.match(err2.message, /Capability mapped-ram is on, but received capability is off/);
     assertUntouched(dst);

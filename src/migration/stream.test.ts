@@ -4,7 +4,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { openIncoming, withOutgoing } from './channels.js';
-import { MigrationStreamError } from './errors.js';
 import { BufferSink, bufferSource } from './qemu-file.js';
 import { createBufferRam, PAGE_SIZE, type RamBlock } from './ram.js';
 import {
@@ -15,7 +14,7 @@ import {
   saveVmState,
   type VMDesc,
 } from './stream.js';
-import { allTypes, type FixtureMachine, fixtureMachine } from './test-fixtures.js';
+import { allTypes, type FixtureMachine, fixtureMachine, refusal } from './test-fixtures.js';
 
 const MACHINE = 'pc-i440fx-tsvmm';
 const dir = mkdtempSync(join(tmpdir(), 'tsvmm-stream-'));
@@ -64,19 +63,6 @@ function assertSameMachine(dst: FixtureMachine, src: FixtureMachine): void {
   for (const [id, mem] of src.ram.memory) {
     assert.ok(Buffer.from(dst.ram.memory.get(id)!).equals(mem), `RAM block ${id} differs`);
   }
-}
-
-async function refusal(p: Promise<unknown>): Promise<MigrationStreamError> {
-  try {
-    await p;
-  } catch (err) {
-    assert.ok(
-      err instanceof MigrationStreamError,
-      `expected MigrationStreamError, got ${String(err)}`,
-    );
-    return err;
-  }
-  assert.fail('the stream was accepted');
 }
 
 describe('migration stream', () => {

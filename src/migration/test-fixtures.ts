@@ -1,4 +1,6 @@
+import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
+import { MigrationStreamError } from './errors.js';
 import { createBufferRam, PAGE_SIZE, type RamAccessor } from './ram.js';
 import type { DeviceSection } from './stream.js';
 import { type VMStateDescription, vmsField } from './vmstate.js';
@@ -329,4 +331,24 @@ export function fixtureMachine(
     { idstr: 'kvmclock', instanceId: 0, vmsd: vmstateClock, state: clock },
   ];
   return { all, clock, cpus, ram, devices };
+}
+
+/**
+ * The MigrationStreamError that loading `p` rejects with; fails the test if
+ * it loads, or rejects with anything else. `what` names what was loaded.
+ */
+export async function refusal(
+  p: Promise<unknown>,
+  what = 'the stream',
+): Promise<MigrationStreamError> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(
+      err instanceof MigrationStreamError,
+      `expected MigrationStreamError, got ${String(err)}`,
+    );
+    return err;
+  }
+  assert.fail(`${what} was accepted`);
 }
