@@ -271,6 +271,11 @@ async function measureLive(vmm, dir, timeoutMs) {
   }
 }
 
+/** A VMM's label as a RESULT key: `qemu`, `tsvmm_freeze`, `tsvmm_realtime`. */
+function resultKey(label) {
+  return label.startsWith('QEMU') ? 'qemu' : label.replace(' ', '_');
+}
+
 function reportLive(rows) {
   const ms = (ns) => (Number(ns) / 1e6).toFixed(1);
   const lines = [
@@ -300,9 +305,8 @@ function reportLive(rows) {
     ]);
   }
   console.log(table(lines, (col) => col >= 1 && col <= 7));
-  const key = (label) => (label.startsWith('QEMU') ? 'qemu' : label.replace(' ', '_'));
   console.log(
-    `RESULT ${rows.map(({ vmm, live }) => `${key(vmm.label)}_live_step_ms=${ms(live.monotonic)} ${key(vmm.label)}_live_splats=${live.splats}`).join(' ')}`,
+    `RESULT ${rows.map(({ vmm, live }) => `${resultKey(vmm.label)}_live_step_ms=${ms(live.monotonic)} ${resultKey(vmm.label)}_live_splats=${live.splats}`).join(' ')}`,
   );
 }
 
@@ -460,7 +464,7 @@ function report(rows, pauseMs) {
   }
   console.log(table(lines, (col) => col >= 2));
   const fields = rows.flatMap(({ vmm, result }) => {
-    const k = vmm.label.startsWith('QEMU') ? 'qemu' : vmm.label.replace(' ', '_');
+    const k = resultKey(vmm.label);
     return [
       `${k}_stop_behind_ms=${ms(result.stop.hostNs - result.stop.realtime)}`,
       `${k}_restore_behind_ms=${ms(result.restore.hostNs - result.restore.realtime)}`,
