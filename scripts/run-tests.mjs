@@ -136,7 +136,39 @@ function markedProcesses(marker) {
 
 /** Names of the tests a TAP stream reports as failed (`not ok N - name`), innermost first. */
 function tapFailures(text) {
-  return [...text.matchAll(/^\s*not ok \d+ - (.*)$/gm)].map((m) => m[1]);
+  const lines = text.split('\n');
+  const failures = [];
+  for (const [i, line] of lines.entries()) {
+    const m = /^(\s*)not ok \d+ - (.*)$/.exec(line);
+    if (m) failures.push(`${m[2]}${tapFailureDetail(lines, i + 1, m[1].length)}`);
+  }
+  return failures;
+}
+
+/**
+ * The error of a failed test from its TAP YAML block: CI keeps only the tail
+ * of the output, so the summary must say why a test failed, not only which.
+ * Suites that failed because a subtest did say nothing more.
+ */
+function tapFailureDetail(lines, from, indent) {
+  if (lines[from]?.trim() !== '---') return '';
+  const fields = new Map();
+  for (let i = from + 1; i < lines.length && lines[i].trim() !== '...'; i++) {
+    const f = /^\s*(error|location|failureType): (.*)$/.exec(lines[i]);
+    if (!f || lines[i].search(/\S/) !== indent + 2) continue;
+    let value = f[2];
+    if (value === '|-' || value === '|') {
+      const more = [];
+      for (let j = i + 1; j < lines.length && lines[j].search(/\S/) > indent + 2; j++) {
+        more.push(lines[j].trim());
+      }
+      value = more.slice(0, 8).join(' / ');
+    }
+    fields.set(f[1], value.replace(/^'(.*)'$/, '$1'));
+  }
+  if (fields.get('failureType') === 'subtestsFailed') return '';
+  const where = fields.get('location')?.replace(/^.*\/(dist|src)\//, '');
+  return `\n      error: ${fields.get('error') ?? '(none given)'}${where ? ` at ${where}` : ''}`;
 }
 
 /**
