@@ -31,6 +31,7 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
+import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -361,9 +362,9 @@ const TAIL_LINES = 25;
  * each line. Returns the child, and a promise of its exit status and its
  * last lines.
  */
-function runPrefixed(command, args, prefix) {
+function runPrefixed(command, args, prefix, env = process.env) {
   const tail = [];
-  const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(command, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
   for (const stream of [child.stdout, child.stderr]) {
     let pending = '';
     stream.setEncoding('utf8');
@@ -454,7 +455,15 @@ async function runOneVm(name, files, resultsDir) {
   const beatPath = join(resultsDir, `${name}.alive`);
   const jsonPath = join(resultsDir, `${name}.json`);
   const started = Date.now();
-  const { child, done } = runPrefixed(VM_RUNNER, args, `[${name}] `);
+  // An HMP monitor on the VM runner's QEMU: when the VM wedges, its CPU
+  // state says where (see dumpWedgedCpu).
+  const monitorPath = join(resultsDir, `${name}.mon`);
+  rmSync(monitorPath, { force: true });
+  const qemuArgs = [process.env.KVM_VM_QEMU_ARGS, `-monitor unix:${monitorPath},server,nowait`];
+  const { child, done } = runPrefixed(VM_RUNNER, args, `[${name}] `, {
+    ...process.env,
+    KVM_VM_QEMU_ARGS: qemuArgs.filter(Boolean).join(' '),
+  });
   // The heartbeat's content changes with every beat; compare content, not
   // the file's time, which the VM's 9p client may set from its own clock.
   let lastBeat = '';
@@ -473,12 +482,55 @@ async function runOneVm(name, files, resultsDir) {
       `run-tests: ${name}: no heartbeat from the VM for ${((Date.now() - lastChange) / 1000).toFixed(0)} s (wedged in ${wedgedIn}); stopping it`,
     );
     clearInterval(watch);
-    child.kill('SIGTERM');
+    dumpWedgedCpu(name, monitorPath).finally(() => child.kill('SIGTERM'));
   }, WATCH_MS);
   const { status, tail } = await done;
   clearInterval(watch);
   const summary = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, 'utf8')) : undefined;
   return { status, tail, summary, wedgedIn, seconds: (Date.now() - started) / 1000, timeout };
+}
+
+/**
+ * Prints where a wedged VM's CPU is, from the VM runner's QEMU monitor:
+ * its registers twice, 2 s apart (a livelock moves, a hang does not), and
+ * the code at RIP. The wedge's cause is not known yet; this is the record
+ * that will tell. Gives up after 20 s: the summary matters more.
+ */
+function dumpWedgedCpu(name, monitorPath) {
+  const commands = ['info registers', 'x/6i $pc', 'info registers'];
+  return new Promise((resolveDump) => {
+    let out = '';
+    let finished = false;
+    const sock = createConnection(monitorPath);
+    const finish = () => {
+      if (finished) return;
+      finished = true;
+      clearTimeout(bound);
+      sock.destroy();
+      const keep = out
+        .split(/\r?\n/)
+        .filter((l) => /^(RIP|RAX|CR0|CS |0x[0-9a-f]+:|\(qemu\) monitor:)/.test(l.trim()));
+      for (const line of keep) console.error(`run-tests: ${name}: wedged CPU: ${line.trim()}`);
+      resolveDump();
+    };
+    const bound = setTimeout(finish, 20_000);
+    sock.on('error', (err) => {
+      out += `\n(qemu) monitor: ${err.message}`;
+      finish();
+    });
+    sock.setEncoding('utf8');
+    sock.on('data', (text) => {
+      out += text;
+    });
+    sock.on('connect', async () => {
+      for (const command of commands) {
+        sock.write(`${command}\n`);
+        await new Promise((r) => setTimeout(r, 2_000));
+      }
+      sock.end('quit\n');
+    });
+    sock.on('close', finish);
+  });
 }
 
 /**
@@ -533,6 +585,33 @@ async function runPartInVm(name, files, resultsDir) {
   }
 }
 
+/**
+ * Creates one KVM VM and keeps it for the whole part. Linux turns a static
+ * key on when the first KVM VM of the system is created and off when the
+ * last one goes (the scheduler's preempt notifiers), and each turn patches
+ * the kernel's code. The VM runner's README names QEMU 7.2's TCG running
+ * stale code after such patching as a cause of livelocks; the tests create
+ * and destroy a VM hundreds of times, and the runner VM wedged about once
+ * per 20 minutes. With one VM held, the count never falls to zero and the
+ * key never turns again.
+ */
+async function holdKvmVm(name) {
+  try {
+    const { Kvm } = await import(join(ROOT, 'dist/accel/kvm/system.js'));
+    const kvm = Kvm.open();
+    const vm = kvm.createVm();
+    return {
+      close() {
+        vm.close();
+        kvm.close();
+      },
+    };
+  } catch (err) {
+    console.error(`run-tests: ${name}: could not hold a KVM VM open: ${err.message}`);
+    return undefined;
+  }
+}
+
 async function inner(argv) {
   // --part NAME --results DIR FILES...: one part, run where this process is.
   const name = argv[1];
@@ -555,6 +634,7 @@ async function inner(argv) {
     );
     process.exit(VM_CLOCK_WRONG);
   }
+  const held = await holdKvmVm(name);
   const s = await runPart(
     name,
     files,
@@ -563,6 +643,7 @@ async function inner(argv) {
     { TSVMM_TEST_TIME_SCALE: scale },
     true,
   );
+  held?.close();
   for (const leak of s.leaks) console.error(`run-tests: ${name}: ${leak}`);
   process.exit(s.failed === 0 && s.leaks.length === 0 && s.exitCode === 0 ? 0 : 1);
 }
