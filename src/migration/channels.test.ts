@@ -278,6 +278,23 @@ describe('socket channels', () => {
     assert.ok(res.normalPages > 0);
   });
 
+  test('a destination that hangs up once it has the whole stream does not fail the source', async () => {
+    // The destination completes and closes before the source ends its side:
+    // the source's socket has then ended by itself, with everything sent.
+    const sock = join(dir, 'hangup.sock');
+    const ep = await listenIncoming(`unix:${sock}`);
+    const src = fixtureMachine(true, { ramPages: 64 });
+    const dst = fixtureMachine(false, { ramPages: 64 });
+    const out = await openOutgoing(`unix:${sock}`);
+    const receive = receiveInto(ep, dst);
+    await save(src)(out.sink);
+    await receive;
+    await new Promise((r) => setTimeout(r, 100));
+    await out.close();
+    await ep.close();
+    assertLoaded(dst, src);
+  });
+
   test('connecting where nobody listens is MIGRATION_OPEN_FAILED', async () => {
     const ep = await listenIncoming('tcp:127.0.0.1:0');
     const port = ep.uri.kind === 'tcp' ? ep.uri.port : 0;

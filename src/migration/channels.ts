@@ -405,9 +405,14 @@ class WritableSink implements ByteSink {
   async end(): Promise<void> {
     if (this.failure) throw writeError(this.failure, this.where);
     await new Promise<void>((resolve, reject) => {
-      this.stream.end((err?: Error | null) =>
-        err ? reject(writeError(err, this.where)) : resolve(),
-      );
+      this.stream.end((err?: Error | null) => {
+        // A destination that has read the whole stream may hang up first;
+        // a socket then ends its own writing side, once everything we
+        // wrote had left. That is a finished stream, not a failed one.
+        if (!err || (err as NodeJS.ErrnoException).code === 'ERR_STREAM_ALREADY_FINISHED') {
+          resolve();
+        } else reject(writeError(err, this.where));
+      });
     });
     if (this.failure) throw writeError(this.failure, this.where);
   }
