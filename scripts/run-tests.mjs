@@ -460,9 +460,14 @@ async function runOneVm(name, files, resultsDir) {
   const started = Date.now();
   // An HMP monitor on the VM runner's QEMU: when the VM wedges, its CPU
   // state says where (see dumpWedgedCpu).
+  // A unix socket's path has at most 107 bytes; QEMU would not start with a longer one.
   const monitorPath = join(resultsDir, `${name}.mon`);
+  const monitor = Buffer.byteLength(monitorPath) < 100;
   rmSync(monitorPath, { force: true });
-  const qemuArgs = [process.env.KVM_VM_QEMU_ARGS, `-monitor unix:${monitorPath},server,nowait`];
+  const qemuArgs = [
+    process.env.KVM_VM_QEMU_ARGS,
+    monitor ? `-monitor unix:${monitorPath},server,nowait` : undefined,
+  ];
   const { child, done } = runPrefixed(VM_RUNNER, args, `[${name}] `, {
     ...process.env,
     KVM_VM_QEMU_ARGS: qemuArgs.filter(Boolean).join(' '),
@@ -485,10 +490,13 @@ async function runOneVm(name, files, resultsDir) {
       `run-tests: ${name}: no heartbeat from the VM for ${((Date.now() - lastChange) / 1000).toFixed(0)} s (wedged in ${wedgedIn}); stopping it`,
     );
     clearInterval(watch);
-    dumpWedgedCpu(name, monitorPath).finally(() => child.kill('SIGTERM'));
+    (monitor ? dumpWedgedCpu(name, monitorPath) : Promise.resolve()).finally(() =>
+      child.kill('SIGTERM'),
+    );
   }, WATCH_MS);
   const { status, tail } = await done;
   clearInterval(watch);
+  rmSync(monitorPath, { force: true });
   const summary = existsSync(jsonPath) ? JSON.parse(readFileSync(jsonPath, 'utf8')) : undefined;
   return { status, tail, summary, wedgedIn, seconds: (Date.now() - started) / 1000, timeout };
 }
