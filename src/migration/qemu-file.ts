@@ -22,6 +22,15 @@ export interface ByteSink {
   writeAt?(buf: Uint8Array, position: number): Promise<void>;
   /** Seekable sinks only: where the stream starts in its file (file:PATH,offset=N). */
   readonly fileOffset?: number;
+  /**
+   * Set by a sink that passes each buffer on instead of copying it (to
+   * another thread): the writer gives `buf` up with the write and never
+   * touches it again, and takes chunk buffers back from `reclaim()`, so
+   * that chunks are neither copied nor allocated anew.
+   */
+  readonly takesBuffers?: boolean;
+  /** A buffer the sink is done with, for the writer to fill again; undefined if none. */
+  reclaim?(): Uint8Array | undefined;
 }
 
 /**
@@ -238,10 +247,18 @@ export class StreamWriter {
     this.hashPending();
     this.queued.push(this.buf.subarray(0, this.pos));
     this.queuedBytes += this.pos;
-    this.buf = this.spare.pop() ?? new Uint8Array(CHUNK);
+    this.buf = this.spare.pop() ?? this.reclaimed() ?? new Uint8Array(CHUNK);
     this.view = new DataView(this.buf.buffer);
     this.pos = 0;
     this.hashed = 0;
+  }
+
+  /** A whole chunk buffer back from a sink that takes buffers, if it has one. */
+  private reclaimed(): Uint8Array | undefined {
+    const back = this.sink.reclaim?.();
+    return back && back.byteOffset === 0 && back.buffer.byteLength === CHUNK
+      ? new Uint8Array(back.buffer)
+      : undefined;
   }
 
   /** Waits for the write in flight, then starts the next queued one. */
@@ -266,10 +283,12 @@ export class StreamWriter {
   }
 
   private async writeChunk(chunk: Uint8Array): Promise<void> {
+    // Taken before the write: a sink that takes buffers leaves `chunk` detached.
+    const n = chunk.length;
     await this.sink.write(chunk);
-    this.queuedBytes -= chunk.length;
-    this.written += chunk.length;
-    if (chunk.buffer.byteLength === CHUNK && this.spare.length < 2) {
+    this.queuedBytes -= n;
+    this.written += n;
+    if (!this.sink.takesBuffers && chunk.buffer.byteLength === CHUNK && this.spare.length < 2) {
       this.spare.push(new Uint8Array(chunk.buffer));
     }
     await this.throttle();

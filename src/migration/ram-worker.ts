@@ -51,7 +51,7 @@ export type WorkerCommand =
 /** Messages to the worker. */
 export type ToWorker =
   | WorkerCommand
-  | { op: 'ack'; id: number }
+  | { op: 'ack'; id: number; buffer?: ArrayBuffer }
   | { op: 'nack'; id: number; message: string };
 
 /** Messages from the worker. */
@@ -178,8 +178,8 @@ export class WorkerStreamWriter {
   }
 
   private write(id: number, buf: Uint8Array): void {
-    const post = (m: ToWorker) => {
-      if (!this.gone) this.worker.postMessage(m);
+    const post = (m: ToWorker, transfer: ArrayBuffer[] = []) => {
+      if (!this.gone) this.worker.postMessage(m, transfer);
     };
     let done: Promise<void> | void;
     try {
@@ -188,7 +188,8 @@ export class WorkerStreamWriter {
       done = Promise.reject(err);
     }
     Promise.resolve(done).then(
-      () => post({ op: 'ack', id }),
+      // The sink is done with the chunk: its memory goes back to be filled again.
+      () => post({ op: 'ack', id, buffer: buf.buffer as ArrayBuffer }, [buf.buffer as ArrayBuffer]),
       (err: unknown) => {
         if (!this.sinkFailed) {
           this.sinkFailed = true;
