@@ -310,23 +310,23 @@ function describe(summary, where) {
  * `run-tests: kvm-vm-N: FILE: N s` lines when a file's cost changes much.
  */
 const VM_FILE_SECONDS = {
-  'accel/kvm/kvm-fd.kvm.test.js': 18,
-  'accel/kvm/kvm.kvm.test.js': 14,
-  'cli/kvmclock.kvm.test.js': 208,
-  'cli/linux-clock.kvm.test.js': 330,
-  'cli/main.kvm.test.js': 227,
-  'cli/monitor-stdio.kvm.test.js': 20,
-  'cli/shutdown.kvm.test.js': 194,
-  'hw/i386/linux-boot.kvm.test.js': 16,
-  'hw/i386/linux-smp.kvm.test.js': 157,
-  'hw/i386/machine-migration-host.kvm.test.js': 81,
-  'hw/i386/machine.kvm.test.js': 109,
-  'hw/i386/probe-os.kvm.test.js': 148,
-  'migration/kvm-dirty-log.kvm.test.js': 18,
-  'migration/live-migration.kvm.test.js': 400,
-  'migration/migration-capabilities.kvm.test.js': 60,
-  // Estimated from a run of its own: one probe OS save and two restores.
-  'migration/mapped-ram.kvm.test.js': 120,
+  'accel/kvm/kvm-fd.kvm.test.js': 17,
+  'accel/kvm/kvm.kvm.test.js': 12,
+  'cli/kvmclock.kvm.test.js': 245,
+  // With its live-migration leg: 399 s in a VM of its own, more beside another.
+  'cli/linux-clock.kvm.test.js': 480,
+  'cli/main.kvm.test.js': 239,
+  'cli/monitor-stdio.kvm.test.js': 31,
+  'cli/shutdown.kvm.test.js': 180,
+  'hw/i386/linux-boot.kvm.test.js': 14,
+  'hw/i386/linux-smp.kvm.test.js': 200,
+  'hw/i386/machine-migration-host.kvm.test.js': 76,
+  'hw/i386/machine.kvm.test.js': 75,
+  'hw/i386/probe-os.kvm.test.js': 200,
+  'migration/kvm-dirty-log.kvm.test.js': 16,
+  'migration/live-migration.kvm.test.js': 470,
+  'migration/migration-capabilities.kvm.test.js': 39,
+  'migration/mapped-ram.kvm.test.js': 42,
 };
 
 /** A guess for a KVM file that VM_FILE_SECONDS does not list: Linux boots cost minutes. */
