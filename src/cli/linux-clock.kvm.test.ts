@@ -74,8 +74,8 @@ const WATCHDOG_THRESH = TIME_SCALE > 1 ? 2 : 1;
  * a KVM host. Under emulation the reporter's own wake-up after the resume
  * takes hundreds of ms (480 ms measured with four VMs running; a vCPU
  * thread of the probe OS was 515 ms late while another VM booted), so there
- * the bound is half the pause:
- * still clear of a freeze that leaked the pause, or a realtime that lost it.
+ * the bound is half the pause: still clear of a freeze that leaked the
+ * pause, or of a realtime that lost it.
  */
 const LEAK_BOUND = TIME_SCALE > 1 ? (BigInt(PAUSE_MS) * MS) / 2n : 50n * MS;
 
