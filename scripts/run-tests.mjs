@@ -603,7 +603,10 @@ async function runPartInVm(name, files, resultsDir) {
  * stale code after such patching as a cause of livelocks; the tests create
  * and destroy a VM hundreds of times, and the runner VM wedged about once
  * per 20 minutes. With one VM held, the count never falls to zero and the
- * key never turns again.
+ * key never turns again. (It did not end the wedges: the first CPU state
+ * dumped from one shows the VM's CPU halted with interrupts on, waiting
+ * for a wake-up that never came. Kept: it costs nothing and takes one
+ * suspect away.)
  */
 async function holdKvmVm(name) {
   try {
