@@ -17,6 +17,7 @@ import { spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { parseMemorySize } from '../dist/accel/kvm/memory/parse-size.js';
 import {
   BenchError,
   makeTempDir,
@@ -30,10 +31,13 @@ import {
 
 const MiB = 1 << 20;
 
-function mib(text, what) {
-  const m = /^(\d+)([MG])$/.exec(text);
-  if (!m) throw new BenchError(`--${what} ${text}: give a size such as 512M or 2G`);
-  return Number(m[1]) * (m[2] === 'G' ? 1024 : 1) * MiB;
+/** A size as `-m` takes it (tsvmm's own parser), or a BenchError naming the option. */
+function sizeOption(text, what) {
+  try {
+    return parseMemorySize(text);
+  } catch (err) {
+    throw new BenchError(`--${what}: ${err.message}`);
+  }
 }
 
 /** A process that reads every connection on `path` to its end and drops the bytes. */
@@ -115,9 +119,9 @@ await runBench('migration-thread', async () => {
   const runs = Number(values.runs);
   if (!(Number.isInteger(runs) && runs > 0))
     throw new BenchError(`--runs ${values.runs}: give a count`);
-  const size = mib(values.size, 'size');
-  const data = mib(values.data, 'data');
-  if (data > size / 2) throw new BenchError('--data must be at most half of --size');
+  const ramBytes = sizeOption(values.size, 'size');
+  const data = sizeOption(values.data, 'data');
+  if (data > ramBytes / 2) throw new BenchError('--data must be at most half of --size');
   const dir = makeTempDir('tsvmm-bench-mthread-');
   const sock = join(dir, 'drain.sock');
   const drain = await startDrain(sock);
@@ -133,7 +137,7 @@ await runBench('migration-thread', async () => {
             '--child',
             kind,
             sock,
-            String(size),
+            String(ramBytes),
             String(data),
           ],
           { encoding: 'utf8', timeout: 300_000 },
