@@ -209,7 +209,10 @@ function assertPauseShare(policy: string, share: readonly bigint[], hostAdvance:
  * probe samples its clock once a tick: the advance seen between two ticks
  * is the pause's share plus up to one tick interval of running, plus
  * however long the vCPU went without a host CPU around the stop and the
- * resume. On a KVM host that is bounded here. Under emulation a vCPU
+ * resume. On a KVM host that is bounded here, by 50 ms: far below the 5 s
+ * a running clock would show, and above the 2.5 ms a vCPU thread was seen
+ * late on a PVM host while the test runner's two emulated VMs took both
+ * host CPUs (1 ms failed there). Under emulation a vCPU
  * thread can starve for seconds (seen: 12 s with the machine loaded), so
  * the tick figure says nothing there: it is reported, and the pause's
  * share (read from the guest's pvclock, assertPauseShare) is what is
@@ -229,7 +232,7 @@ function assertPolicy(
       );
       continue;
     }
-    const slack = BigInt(scaled(1)) * MS;
+    const slack = 50n * MS;
     assert.ok(
       beyond > -1n * MS && beyond < DEFAULT_TICK_NS + slack,
       `${policy}: vCPU ${cpu}'s clock advanced ${advance} ns across the pause; the host's advance applied was ${hostAdvance} ns; expected within ${slack} ns beyond one ${DEFAULT_TICK_NS} ns tick`,

@@ -245,8 +245,13 @@ async function startInternalError(t: TestContext): Promise<Started> {
   const scope = new ProcessScope(t);
   const kernel = guestFile(scope.tempDir('tsvmm-sd-'), 'jump.elf', jumpIntoNoMemoryElf());
   // -smp 2: vCPU 1 sits in KVM_RUN waiting for a SIPI that never comes.
-  const started = await start(t, ['-smp', '2', '-serial', 'none', '-kernel', kernel]);
+  // -S, then cont once QMP is connected: the guest fails in its first
+  // instruction, and on a fast host (PVM) that came before the client
+  // connected, which then never saw the STOP event.
+  const started = await start(t, ['-S', '-smp', '2', '-serial', 'none', '-kernel', kernel]);
+  await within(started.qmp.execute('cont'), 'cont', STEP_MS);
   await waitStatus(started.qmp, 'internal-error');
+  await within(started.qmp.nextEvent('RESUME'), 'RESUME from cont', STEP_MS);
   await within(started.qmp.nextEvent('STOP'), 'STOP on the failure', STEP_MS);
   await waitFor('the failure reported', () => /vCPU 0: KVM internal error/.test(started.vm.stderr));
   return started;

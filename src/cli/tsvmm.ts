@@ -184,6 +184,7 @@ async function run(config: VmConfig): Promise<number> {
         unreliableGetClock: config.faults.unreliableGetClock,
         skipSetClockOnRestore: config.faults.skipSetClockOnRestore,
         setClockBackwardsNs: config.faults.setClockBackwardsNs,
+        vcpuIgnoresKicks: config.faults.vcpuIgnoresKicks,
       },
       kvmclockPolicy: config.kvmclock.policy,
       ...(kvmclockCheck ? { kvmclockCheck } : {}),

@@ -232,7 +232,15 @@ function loop(): void {
     }
     if (Atomics.load(ctl, CTL_STATE) !== STATE_RUNNING)
       Atomics.store(ctl, CTL_STATE, STATE_RUNNING);
-    const reason = vcpu.run();
+    let reason = vcpu.run();
+    // -x-vcpu-ignores-kicks: the blocked mask keeps KVM_RUN from returning
+    // on a kick where KVM honours it; PVM returns EINTR anyway, so go
+    // straight back in, as a vCPU stuck in the kernel would (until the
+    // forced exit ends the process).
+    while (data.ignoreKicks && reason === KVM_EXIT.INTR) {
+      eatKick();
+      reason = vcpu.run();
+    }
     if (traceExit.enabled) traceExit.emit({ cpu: data.index, reason: exitReasonName(reason) });
     handleExit(reason);
   }
