@@ -15,8 +15,8 @@ import { BottomHalf } from '../../system/main-loop.js';
 import { requireKvm } from '../../test-support/kvm.js';
 import { parseProbeOutput, waitFor, withMachine } from '../../test-support/machine.js';
 import { scaled } from '../../test-support/time-scale.js';
-import type { X86Machine } from './machine.js';
 import { MSR_KVM_SYSTEM_TIME_NEW } from './kvm/pvclock.js';
+import type { X86Machine } from './machine.js';
 import { x86MigrationHost } from './machine-migration-host.js';
 
 const MiB = 2 ** 20;
