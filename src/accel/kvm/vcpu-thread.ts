@@ -194,7 +194,12 @@ function handleExit(reason: number): void {
       const ie = run.internalError();
       park({
         type: 'internal-error',
-        description: `KVM internal error. Suberror: ${ie.suberror}\n${describeVcpuRegisters(vcpu)}`,
+        // As QEMU prints it: the suberror, then each data word KVM gave
+        // (for an emulation failure: flags, then the instruction's length
+        // and bytes, which say what KVM's emulator could not run).
+        description: `KVM internal error. Suberror: ${ie.suberror}\n${ie.data
+          .map((d, i) => `extra data[${i}]: 0x${d.toString(16).padStart(16, '0')}\n`)
+          .join('')}${describeVcpuRegisters(vcpu)}`,
       });
       return;
     }
