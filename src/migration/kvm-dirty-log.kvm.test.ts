@@ -222,11 +222,22 @@ describe('KVM dirty logging of a running guest (needs KVM)', () => {
         await machine.lifecycle.vmStart();
         await waitFor('the dirtier', () => /dirty base=0x[0-9a-f]+ mb=8 /.test(output()), 30_000);
         const base = Number.parseInt(/dirty base=0x([0-9a-f]+)/.exec(output())![1]!, 16);
+        const passLines = () => output().match(/^probe cpu=0 dirty pass=\d+ /gm) ?? [];
         const log = kvmDirtyLog(machine.vm, machine.memory);
+        const reportsBefore = passLines().length;
         log.start();
         try {
-          // 8 MiB at 16 MiB/s: one whole pass in 0.5 s; wait two.
-          await new Promise((r) => setTimeout(r, 1200));
+          // The guest's own progress, not a guess at its speed (8 MiB at
+          // 16 MiB/s is 0.5 s a pass on KVM with hardware virtualization,
+          // ~3.5 s on PVM-backed KVM, which emulates this kernel): the first
+          // pass reported after start() ended after it, so the pass after
+          // that ran wholly under dirty logging; the next report after the
+          // first proves it ended. (Reports are at most one a second.)
+          await waitFor(
+            'two `dirty pass=` reports after dirty logging started',
+            () => passLines().length >= reportsBefore + 2,
+            60_000,
+          );
           const dirty = new Set(pagesOf(await log.sync()));
           const first = base / PAGE_SIZE;
           const area = (8 * MiB) / PAGE_SIZE;
