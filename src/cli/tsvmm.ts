@@ -176,6 +176,7 @@ async function run(config: VmConfig): Promise<number> {
       memoryBytes: config.memoryBytes,
       memPrealloc: config.memPrealloc,
       cpuFeatures: config.cpu.features,
+      warn: (m) => say(`warning: ${m}`),
       boot: guestBoot(config),
       serialFd,
       useReliableGetClock: config.kvmclock.machUseReliableGetClock,

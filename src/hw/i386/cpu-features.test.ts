@@ -6,6 +6,7 @@ import {
   canonicalFeatureName,
   closestFeatureName,
   cpuHelpText,
+  hiddenFlagsKvmDoesNotList,
   lookupFeature,
 } from './cpu-features.js';
 
@@ -70,4 +71,25 @@ test('-cpu help lists every flag once', () => {
   const text = cpuHelpText();
   const listed = text.split('Recognized CPUID flags:')[1]!.split(/\s+/).filter(Boolean);
   assert.deepEqual([...listed].sort(), [...CPU_FEATURES.keys()].sort());
+});
+
+test('flags switched off that KVM does not list are named (what PVM shows the guest anyway)', () => {
+  // KVM_GET_SUPPORTED_CPUID as PVM-backed KVM gave it on our hosts: leaf 1
+  // ECX with only cx16, x2apic, tsc-deadline and hypervisor.
+  const pvmLeaf1 = { function: 1, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0x81202000, edx: 0 };
+  const settings = [
+    { name: 'cx16', on: false },
+    { name: 'xsave', on: false },
+    { name: 'popcnt', on: false },
+    { name: 'pcid', on: false },
+    { name: 'pcid', on: true }, // the last setting wins: pcid is not hidden
+    { name: 'x2apic', on: false },
+    { name: 'avx2', on: false }, // leaf 7 absent from the table
+  ];
+  assert.deepEqual(hiddenFlagsKvmDoesNotList(settings, [pvmLeaf1]), ['xsave', 'popcnt', 'avx2']);
+  assert.deepEqual(hiddenFlagsKvmDoesNotList([{ name: 'cx16', on: false }], [pvmLeaf1]), []);
+  assert.throws(
+    () => hiddenFlagsKvmDoesNotList([{ name: 'cx61', on: false }], [pvmLeaf1]),
+    CpuFeatureError,
+  );
 });

@@ -371,6 +371,32 @@ export function applyCpuFeatures(
   }
 }
 
+/**
+ * The flags `settings` switch off (the last setting of each wins) that
+ * `supported` (KVM_GET_SUPPORTED_CPUID) does not list. On ordinary KVM
+ * hiding one of them changes nothing, as KVM never offered it. On
+ * PVM-backed KVM it matters: measured on our PVM hosts, the guest reads
+ * the host CPU's own value of every bit KVM does not list (xsave, popcnt,
+ * avx2, pcid...), and only the few it lists (cx16, x2apic, tsc-deadline,
+ * hypervisor) follow the CPUID tsvmm sets, so hiding the others silently
+ * does nothing there.
+ */
+export function hiddenFlagsKvmDoesNotList(
+  settings: readonly CpuFeatureSetting[],
+  supported: readonly KvmCpuidEntry2[],
+): string[] {
+  const final = new Map<string, boolean>();
+  for (const s of settings) final.set(lookupFeature(s.name), s.on);
+  const out: string[] = [];
+  for (const [name, on] of final) {
+    if (on) continue;
+    const bits = CPU_FEATURES.get(name)!;
+    const entry = supported.find((e) => e.function === bits.leaf && e.index === bits.subleaf);
+    if (!entry || (entry[bits.reg] & bits.mask) >>> 0 !== bits.mask) out.push(name);
+  }
+  return out;
+}
+
 /** The `-cpu help` text: the one model and every flag. */
 export function cpuHelpText(): string {
   const names = [...CPU_FEATURES.keys()].sort();
@@ -391,6 +417,12 @@ export function cpuHelpText(): string {
     'Feature flags change CPUID for every vCPU: -cpu host,-NAME or NAME=off hides a',
     'flag, +NAME or NAME=on asks for one KVM offers (later settings win), e.g.',
     '  -cpu host,-cx16,-xsave',
+    '',
+    "On PVM-backed KVM (kvm_pvm) the guest reads the host CPU's own value of every",
+    'flag KVM does not report; only those it reports (there: cx16, x2apic,',
+    'tsc-deadline, hypervisor) can be hidden, and tsvmm warns about the others.',
+    'tsvmm applies no flags of its own there: no set of them lets a stock Linux',
+    'kernel boot on PVM (see the README).',
     '',
     'Recognized CPUID flags:',
     ...lines,

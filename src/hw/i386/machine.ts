@@ -14,8 +14,9 @@ import { type GuestRequest, VcpuThreads } from '../../accel/kvm/vcpu-threads.js'
 import type { KvmVm } from '../../accel/kvm/vm.js';
 import { type CpuController, VmLifecycle } from '../../system/cpus.js';
 import { TsvmmError } from '../../util/errors.js';
+import { kvmIsPvm } from '../../util/kvm-gate.js';
 import { COM1_BASE, COM1_IRQ, createSerialState, Serial16550 } from '../char/serial.js';
-import type { CpuFeatureSetting } from './cpu-features.js';
+import { type CpuFeatureSetting, hiddenFlagsKvmDoesNotList } from './cpu-features.js';
 import { buildGuestCpuid } from './cpuid.js';
 import { bootGuest, type GuestBoot } from './guest-boot.js';
 import { KvmClockDevice, type KvmClockFaults, type KvmClockPolicy } from './kvm/clock.js';
@@ -54,6 +55,8 @@ export interface MachineOptions {
   kvmPath?: string;
   /** Called on the main thread when a vCPU reports a guest power-off, reset or a failure. */
   onGuestRequest?: (request: GuestRequest) => void;
+  /** Where warnings about the configuration go (none are given without it). */
+  warn?: (message: string) => void;
 }
 
 /** Fault injection for the machine: kvmclock's, and `-x-vcpu-ignores-kicks`. */
@@ -133,6 +136,13 @@ export class X86Machine {
       // Every vCPU gets the host's CPUID with its own APIC id and the KVM
       // paravirtual leaves (so a guest finds kvm-clock), and a PC's boot state.
       const supported = kvm.getSupportedCpuid();
+      if (options.warn && options.cpuFeatures && kvmIsPvm()) {
+        for (const name of hiddenFlagsKvmDoesNotList(options.cpuFeatures, supported)) {
+          options.warn(
+            `-cpu host,-${name}: this host's KVM is PVM-backed, where the guest reads the host CPU's own ${name} flag: hiding it has no effect`,
+          );
+        }
+      }
       const caps = kvmHostCapabilities(kvm);
       let leaf1 = { eax: 0, edx: 0 };
       // Each vCPU's state at power-on, before any guest is loaded: a reset
