@@ -317,7 +317,7 @@ test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL
 const CTRL_PAUSE_MS = 10_000;
 
 test('why KVMCLOCK_CTRL exists: a 10 s realtime jump under a busy CPU is a soft lockup without it, and quiet with it', {
-  timeout: scaled(2 * BOOT_MS + 120_000),
+  timeout: scaled(3 * BOOT_MS + 180_000),
 }, async (t) => {
   if (!requireFullKvm(t)) return;
   const scope = new ProcessScope(t);
@@ -344,10 +344,17 @@ test('why KVMCLOCK_CTRL exists: a 10 s realtime jump under a busy CPU is a soft 
   };
   const withCtrl = await splatsAfterJump('ctrl', []);
   assert.deepEqual(withCtrl, [], 'with KVMCLOCK_CTRL sent the watchdog forgives the jump');
-  const withoutCtrl = await splatsAfterJump('no-ctrl', ['-x-no-kvmclock-ctrl']);
-  t.diagnostic(`without CTRL: ${withoutCtrl.join(' | ')}`);
+  // The control: without CTRL the same jump must show a splat, or the
+  // quiet run above proves nothing. In the VM runner, loaded, one run in
+  // many showed none (the jump seen, 9.5 s); a second boot decides then.
+  let withoutCtrl: string[] = [];
+  for (let attempt = 1; attempt <= 2; attempt++) {
+    withoutCtrl = await splatsAfterJump(`no-ctrl-${attempt}`, ['-x-no-kvmclock-ctrl']);
+    t.diagnostic(`without CTRL, attempt ${attempt}: ${withoutCtrl.join(' | ')}`);
+    if (withoutCtrl.some((l) => /soft lockup/.test(l))) break;
+  }
   assert.ok(
     withoutCtrl.some((l) => /soft lockup/.test(l)),
-    `without KVMCLOCK_CTRL the jump is a soft lockup: ${JSON.stringify(withoutCtrl)}`,
+    `without KVMCLOCK_CTRL the jump is a soft lockup (in one of two boots): ${JSON.stringify(withoutCtrl)}`,
   );
 });
