@@ -5,6 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { pcRamLayout } from '../accel/kvm/memory/layout.js';
 import { requireKvm } from '../test-support/kvm.js';
 import { waitFor, withMachine } from '../test-support/machine.js';
+import { captureTrace, traceBody } from '../trace/capture.js';
 import { PC_RAM_BLOCK } from './guest-memory-ram.js';
 import {
   DirtyLogError,
@@ -170,6 +171,25 @@ describe('slotDirtyLog sequencing (recording target)', () => {
     );
     assert.deepEqual(r.calls, ['log true', 'log false']);
     assert.throws(() => log.sync(), /before start/);
+  });
+
+  test('each dirty-log step is traced as dirty_log_ioctl with its page counts and duration', async () => {
+    const r = recording([1, 5, 63]);
+    const log = slotDirtyLog(r.target);
+    const lines = await captureTrace(['dirty_log_ioctl'], () => {
+      log.start();
+      log.sync();
+      log.sync();
+      log.stop();
+    });
+    const bodies = lines.map((l) => traceBody(l).replace(/ us=\d+$/, ' us=N'));
+    assert.deepEqual(bodies, [
+      'dirty_log_ioctl op=start slot=-1 pages=64 dirty=0 us=N',
+      'dirty_log_ioctl op=sync slot=0 pages=64 dirty=3 us=N',
+      'dirty_log_ioctl op=sync slot=0 pages=64 dirty=0 us=N',
+      'dirty_log_ioctl op=stop slot=-1 pages=64 dirty=0 us=N',
+    ]);
+    assert.ok(lines.every((l) => / thread=main$/.test(l)));
   });
 });
 

@@ -21,6 +21,7 @@
  */
 import type { GuestMemory, GuestMemorySlot } from '../accel/kvm/memory/guest-memory.js';
 import type { KvmVm } from '../accel/kvm/vm.js';
+import { traceEvent } from '../trace/control.js';
 import { TsvmmError } from '../util/errors.js';
 import { PC_RAM_BLOCK } from './guest-memory-ram.js';
 import type { DirtyLog } from './machine-migration.js';
@@ -118,15 +119,34 @@ export function kvmDirtyLogTarget(
   };
 }
 
+const traceIoctl = traceEvent('dirty_log_ioctl');
+
+/** µs since `t0` (a performance.now() reading). */
+function usSince(t0: number): number {
+  return Math.round((performance.now() - t0) * 1000);
+}
+
+/** target.setLogDirty(on), traced with its duration (all slots re-registered: slot=-1). */
+function setLogDirtyTraced(target: DirtyLogTarget, on: boolean, pages: number): void {
+  if (!traceIoctl.enabled) {
+    target.setLogDirty(on);
+    return;
+  }
+  const t0 = performance.now();
+  target.setLogDirty(on);
+  traceIoctl.emit({ op: on ? 'start' : 'stop', slot: -1, pages, dirty: 0, us: usSince(t0) });
+}
+
 /** A DirtyLog over `target`, naming pages of the "pc.ram" block. */
 export function slotDirtyLog(target: DirtyLogTarget): DirtyLog {
   const layout = slotsInBlock(target.slots);
+  const totalPages = layout.reduce((n, s) => n + s.pages, 0);
   let logging = false;
   return {
     start() {
       if (logging) throw new DirtyLogError('dirty logging was started twice');
       try {
-        target.setLogDirty(true);
+        setLogDirtyTraced(target, true, totalPages);
       } catch (err) {
         // Some slots may have the flag already: take it off them again.
         try {
@@ -144,14 +164,23 @@ export function slotDirtyLog(target: DirtyLogTarget): DirtyLog {
     sync(): RamPageSelection[] {
       if (!logging) throw new DirtyLogError('the dirty log was read before start()');
       const pages: number[] = [];
-      for (const s of layout)
-        dirtyBitmapPages(target.getDirtyLog(s.slot, s.pages), s.pages, s.firstPage, pages);
+      for (const s of layout) {
+        const t0 = traceIoctl.enabled ? performance.now() : 0;
+        const bitmap = target.getDirtyLog(s.slot, s.pages);
+        const us = traceIoctl.enabled ? usSince(t0) : 0;
+        const before = pages.length;
+        dirtyBitmapPages(bitmap, s.pages, s.firstPage, pages);
+        if (traceIoctl.enabled) {
+          const dirty = pages.length - before;
+          traceIoctl.emit({ op: 'sync', slot: s.slot, pages: s.pages, dirty, us });
+        }
+      }
       return pages.length > 0 ? [{ block: PC_RAM_BLOCK, pages }] : [];
     },
     stop() {
       if (!logging) return;
       logging = false;
-      target.setLogDirty(false);
+      setLogDirtyTraced(target, false, totalPages);
     },
   };
 }

@@ -56,6 +56,10 @@ export const TRACE_EVENT_NAMES = [
   'kvmclock_realtime', // clock= realtime= now= advance= error= source= mode=
   'kvmclock_reading', // transition= cpu= ns= tsc= version= flags=
   'kvmclock_violation', // kind= transition= cpu=
+  // accel/kvm/vcpu-thread.ts: how long each KVM_RUN took, and the time out of it before
+  'kvm_run_timing', // cpu= reason= run_us= out_us=
+  // migration/kvm-dirty-log.ts: each dirty-log ioctl (start/stop: the slot's re-registration)
+  'dirty_log_ioctl', // op= slot= pages= dirty= us=
 ] as const;
 
 /** The name of one known trace event. */

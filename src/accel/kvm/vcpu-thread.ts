@@ -81,6 +81,7 @@ const ctl = new Int32Array(data.control);
 installTraceConfig(data.trace, `vcpu${data.index}`);
 const traceExit = traceEvent('kvm_run_exit');
 const traceWork = traceEvent('process_queued_cpu_work');
+const traceTiming = traceEvent('kvm_run_timing');
 
 function post(message: VcpuMessage): void {
   port.postMessage(message);
@@ -222,6 +223,8 @@ function handleExit(reason: number): void {
 }
 
 function loop(): void {
+  /** When the last KVM_RUN returned (performance.now() ms) if it was timed, for kvm_run_timing's out_us. */
+  let lastReturn: number | undefined;
   for (;;) {
     const bell = Atomics.load(ctl, CTL_DOORBELL);
     drainWork();
@@ -237,6 +240,8 @@ function loop(): void {
     }
     if (Atomics.load(ctl, CTL_STATE) !== STATE_RUNNING)
       Atomics.store(ctl, CTL_STATE, STATE_RUNNING);
+    const timing = traceTiming.enabled;
+    const entered = timing ? performance.now() : 0;
     let reason = vcpu.run();
     // -x-vcpu-ignores-kicks: the blocked mask keeps KVM_RUN from returning
     // on a kick where KVM honours it; PVM returns EINTR anyway, so go
@@ -245,6 +250,19 @@ function loop(): void {
     while (data.ignoreKicks && reason === KVM_EXIT.INTR) {
       eatKick();
       reason = vcpu.run();
+    }
+    if (timing) {
+      const returned = performance.now();
+      traceTiming.emit({
+        cpu: data.index,
+        reason: exitReasonName(reason),
+        run_us: Math.round((returned - entered) * 1000),
+        // -1: the previous KVM_RUN was not timed (the event was just turned on).
+        out_us: lastReturn === undefined ? -1 : Math.round((entered - lastReturn) * 1000),
+      });
+      lastReturn = returned;
+    } else {
+      lastReturn = undefined;
     }
     if (traceExit.enabled) traceExit.emit({ cpu: data.index, reason: exitReasonName(reason) });
     handleExit(reason);
