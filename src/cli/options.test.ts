@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { TRACE_EVENT_NAMES } from '../trace/events.js';
 import { helpText, versionText } from './help.js';
 import { type CliAction, OPTION_SPECS, parseCommandLine, type VmConfig } from './options.js';
 import { parseQmpSpec } from './qmp-spec.js';
@@ -339,6 +340,15 @@ describe('command line: each option', () => {
       assert.equal(action.action, 'list');
       assert.ok((action as { text: string }).text.length > 0);
     }
+  });
+
+  it('-trace help lists every trace event, one a line, as QEMU does', () => {
+    const action = parseCommandLine(['-trace', 'help']);
+    assert.equal(action.action, 'list');
+    const lines = (action as { text: string }).text.trimEnd().split('\n');
+    assert.equal(lines[0], 'Possible trace events:');
+    assert.deepEqual(lines.slice(1), [...TRACE_EVENT_NAMES]);
+    assert.ok(lines.includes('kvmclock_ctrl'));
   });
 });
 

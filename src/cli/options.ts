@@ -7,6 +7,7 @@ import {
 } from '../hw/i386/cpu-features.js';
 import { KVMCLOCK_POLICIES, type KvmClockPolicy } from '../hw/i386/kvm/clock.js';
 import type { QmpListenSpec } from '../monitor/qmp-server.js';
+import { TRACE_EVENT_NAMES } from '../trace/events.js';
 import { TsvmmError } from '../util/errors.js';
 import { onlyProps, parseQemuBool, parseQemuOpts } from './qemu-opts.js';
 import { parseQmpSpec } from './qmp-spec.js';
@@ -317,12 +318,12 @@ const OPTIONS: readonly OptionDef[] = [
     'the VM name (query-name, window and log prefixes)',
     (s, v) => applyName(s, v),
   ),
-  valued(
-    ['-trace'],
-    '[enable=]PATTERN | events=FILE | file=FILE',
-    'enable trace events matching PATTERN, or those listed in FILE (repeatable)',
-    (s, v) => applyTrace(s, v),
-  ),
+  {
+    names: ['-trace'],
+    arg: '[enable=]PATTERN | events=FILE | file=FILE | help',
+    help: 'enable trace events matching PATTERN, or those listed in FILE (repeatable); help lists the events',
+    apply: (s, value) => applyTrace(s, value),
+  },
   flag(['-trace-backtrace'], 'print a backtrace with each trace event (tsvmm)', (s) => {
     s.config.trace.backtrace = true;
   }),
@@ -653,7 +654,10 @@ function applyName(s: ParseState, value: string): void {
   if (debug !== undefined) s.config.debugThreads = parseQemuBool('-name', 'debug-threads', debug);
 }
 
-function applyTrace(s: ParseState, value: string): void {
+function applyTrace(s: ParseState, value: string): CliAction | undefined {
+  if (value === 'help' || value === '?') {
+    return { action: 'list', text: `Possible trace events:\n${TRACE_EVENT_NAMES.join('\n')}\n` };
+  }
   const opts = parseQemuOpts('-trace', value, 'enable');
   onlyProps('-trace', opts, ['enable', 'events', 'file']);
   const enable = opts.implied ?? opts.props.get('enable');
@@ -665,6 +669,7 @@ function applyTrace(s: ParseState, value: string): void {
   if (enable === undefined && events === undefined && file === undefined) {
     throw new UsageError(`-trace ${value}: give an event pattern, events=FILE or file=FILE`);
   }
+  return undefined;
 }
 
 function applyGlobal(s: ParseState, value: string): void {
