@@ -352,8 +352,7 @@ export function applyCpuFeatures(
   settings: readonly CpuFeatureSetting[],
   supported: (bits: CpuFeatureBits) => boolean,
 ): void {
-  const final = new Map<string, boolean>();
-  for (const s of settings) final.set(lookupFeature(s.name), s.on);
+  const final = finalSettings(settings);
   for (const [name, on] of final) {
     const bits = CPU_FEATURES.get(name)!;
     if (on && !supported(bits)) {
@@ -371,6 +370,19 @@ export function applyCpuFeatures(
   }
 }
 
+/** Each flag's canonical name and its last setting (a later one wins); throws on an unknown name. */
+function finalSettings(settings: readonly CpuFeatureSetting[]): Map<string, boolean> {
+  const final = new Map<string, boolean>();
+  for (const s of settings) final.set(lookupFeature(s.name), s.on);
+  return final;
+}
+
+/** Whether `entries` have every bit of `bits` set (false where the leaf is absent). */
+export function hasFeatureBits(entries: readonly KvmCpuidEntry2[], bits: CpuFeatureBits): boolean {
+  const e = entries.find((x) => x.function === bits.leaf && x.index === bits.subleaf);
+  return e !== undefined && (e[bits.reg] & bits.mask) >>> 0 === bits.mask;
+}
+
 /**
  * The flags `settings` switch off (the last setting of each wins) that
  * `supported` (KVM_GET_SUPPORTED_CPUID) does not list. On ordinary KVM
@@ -385,14 +397,9 @@ export function hiddenFlagsKvmDoesNotList(
   settings: readonly CpuFeatureSetting[],
   supported: readonly KvmCpuidEntry2[],
 ): string[] {
-  const final = new Map<string, boolean>();
-  for (const s of settings) final.set(lookupFeature(s.name), s.on);
   const out: string[] = [];
-  for (const [name, on] of final) {
-    if (on) continue;
-    const bits = CPU_FEATURES.get(name)!;
-    const entry = supported.find((e) => e.function === bits.leaf && e.index === bits.subleaf);
-    if (!entry || (entry[bits.reg] & bits.mask) >>> 0 !== bits.mask) out.push(name);
+  for (const [name, on] of finalSettings(settings)) {
+    if (!on && !hasFeatureBits(supported, CPU_FEATURES.get(name)!)) out.push(name);
   }
   return out;
 }

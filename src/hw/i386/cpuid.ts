@@ -20,7 +20,12 @@ import {
   type KvmCpuidEntry2,
 } from '../../accel/kvm/structs/cpuid.js';
 import { TsvmmError } from '../../util/errors.js';
-import { applyCpuFeatures, type CpuFeatureBits, type CpuFeatureSetting } from './cpu-features.js';
+import {
+  applyCpuFeatures,
+  type CpuFeatureBits,
+  type CpuFeatureSetting,
+  hasFeatureBits,
+} from './cpu-features.js';
 
 /** The KVM paravirtual signature leaf: max hypervisor leaf and "KVMKVMKVM\0\0\0". */
 export const KVM_CPUID_SIGNATURE = 0x40000000;
@@ -193,15 +198,11 @@ export function buildGuestCpuid(
     // (hypervisor bit, TSC deadline) and drops what it cannot (some KVM
     // leaf bits), so the KVM leaf is judged by ours alone.
     const offered = (bits: CpuFeatureBits) =>
-      hasBits(out, bits) || (bits.leaf !== KVM_CPUID_FEATURES && hasBits(supported, bits));
+      hasFeatureBits(out, bits) ||
+      (bits.leaf !== KVM_CPUID_FEATURES && hasFeatureBits(supported, bits));
     applyCpuFeatures(out, options.features, offered);
   }
   return out;
-}
-
-function hasBits(entries: readonly KvmCpuidEntry2[], bits: CpuFeatureBits): boolean {
-  const e = entries.find((x) => x.function === bits.leaf && x.index === bits.subleaf);
-  return e !== undefined && (e[bits.reg] & bits.mask) >>> 0 === bits.mask;
 }
 
 /** Sets the per-vCPU fields of one copied entry; returns it. */

@@ -15,7 +15,7 @@ import { BottomHalf } from '../../system/main-loop.js';
 import { requireKvm } from '../../test-support/kvm.js';
 import { parseProbeOutput, waitFor, withMachine } from '../../test-support/machine.js';
 import { scaled } from '../../test-support/time-scale.js';
-import { MSR_KVM_SYSTEM_TIME_NEW } from './kvm/pvclock.js';
+import { MSR_KVM_SYSTEM_TIME_NEW, PVCLOCK_TIME_INFO_SIZE } from './kvm/pvclock.js';
 import type { X86Machine } from './machine.js';
 import { x86MigrationHost } from './machine-migration-host.js';
 
@@ -47,9 +47,6 @@ function ramDifferences(a: Buffer, b: Buffer): string[] {
   }
   return out;
 }
-
-/** Size of struct pvclock_vcpu_time_info, the area MSR_KVM_SYSTEM_TIME_NEW names. */
-const PVCLOCK_AREA_BYTES = 32;
 
 /** The guest-physical address of each vCPU's pvclock area (none where kvmclock is off). */
 async function pvclockAreas(machine: X86Machine, cpus: number): Promise<number[]> {
@@ -132,8 +129,8 @@ for (const cpus of [1, 2]) {
         // 1 -> 0): those 32 bytes are left out on both sides.
         const loaded = ramSnapshot(machine);
         for (const gpa of await pvclockAreas(machine, cpus)) {
-          savedRam.fill(0, gpa, gpa + PVCLOCK_AREA_BYTES);
-          loaded.fill(0, gpa, gpa + PVCLOCK_AREA_BYTES);
+          savedRam.fill(0, gpa, gpa + PVCLOCK_TIME_INFO_SIZE);
+          loaded.fill(0, gpa, gpa + PVCLOCK_TIME_INFO_SIZE);
         }
         assert.deepEqual(ramDifferences(savedRam, loaded), [], 'guest RAM identical');
         assert.equal(crc32(loaded), crc32(savedRam));
