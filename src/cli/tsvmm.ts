@@ -6,6 +6,7 @@
  */
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { CLOCK_REALTIME, clockGettimeNs, exitImmediately } from '../accel/kvm/ffi.js';
+import { prestartedWorkersSettled } from '../accel/kvm/vcpu-prestart.js';
 import type { GuestRequest } from '../accel/kvm/vcpu-threads.js';
 import { parseKernelImage } from '../hw/i386/boot/kernel-image.js';
 import type { GuestBoot } from '../hw/i386/guest-boot.js';
@@ -326,10 +327,18 @@ async function main(argv: readonly string[]): Promise<number> {
   }
 }
 
+/**
+ * How long an exit waits for vCPU threads started ahead that are still
+ * loading (a run that ended before it built its VM). Loading takes tens of
+ * milliseconds; the bound only keeps a wedged load from holding the exit.
+ */
+const PRESTARTED_SETTLE_MS = 5_000;
+
 /** Runs tsvmm with the command line `argv` (without node and the script) and exits with its status. */
 export async function runTsvmm(argv: readonly string[]): Promise<never> {
   ignoreStdioErrors();
   process.exitCode = await main(argv);
+  await prestartedWorkersSettled(PRESTARTED_SETTLE_MS);
   // The vCPU threads, sockets and files are closed by now; leave even if a
   // stray handle (a TTY in raw mode, say) would keep Node's loop alive.
   process.exit();

@@ -45,6 +45,8 @@ export interface VcpuWorkRequest {
 
 /** What a vCPU thread posts back to the main thread. */
 export type VcpuMessage =
+  /** The thread's code is loaded and it waits for its vCPU (vcpu-prestart.ts). */
+  | { type: 'loaded' }
   | { type: 'ready'; tid: number }
   | { type: 'done'; id: number; result?: unknown; error?: { code?: string; message: string } }
   | { type: 'guest-shutdown'; reason: 'guest-shutdown' | 'guest-reset' | 'guest-panic' }

@@ -1,6 +1,11 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { vcpuCountHint } from './vcpu-prestart.js';
+import {
+  prestartedWorkersSettled,
+  prestartVcpuWorkers,
+  takeVcpuWorker,
+  vcpuCountHint,
+} from './vcpu-prestart.js';
 
 test('vcpuCountHint reads -smp in the spellings the option parser takes', () => {
   assert.equal(vcpuCountHint([]), 1);
@@ -28,4 +33,13 @@ test('vcpuCountHint stays within 1..64 whatever it is given', () => {
   assert.equal(vcpuCountHint(['-smp', '254']), 64);
   assert.equal(vcpuCountHint(['-smp', 'many']), 1);
   assert.equal(vcpuCountHint(['-smp']), 1);
+});
+
+test('prestarted vCPU threads say when their code is loaded, so an early exit can wait for it', async () => {
+  assert.equal(await prestartedWorkersSettled(1_000), true, 'nothing prestarted: settled at once');
+  prestartVcpuWorkers(2);
+  // The bound is only there to end the test if a thread never says so.
+  assert.equal(await prestartedWorkersSettled(120_000), true);
+  const workers = [takeVcpuWorker(0), takeVcpuWorker(1)];
+  for (const w of workers) await w.terminate();
 });

@@ -19,6 +19,8 @@ interface Prestarted {
   worker: Worker;
   /** Set if the worker ended (or failed to load) before it was taken. */
   ended: boolean;
+  /** Settles once the worker has loaded its code, or ended. */
+  settled: Promise<void>;
 }
 
 const pool: Prestarted[] = [];
@@ -31,18 +33,26 @@ const pool: Prestarted[] = [];
 export function prestartVcpuWorkers(count: number): void {
   for (let i = 0; i < count; i++) {
     const index = pool.length;
+    const worker = new Worker(VCPU_THREAD_URL, { name: `vcpu${index}` });
+    worker.unref();
+    let settle!: () => void;
     const entry: Prestarted = {
-      worker: new Worker(VCPU_THREAD_URL, { name: `vcpu${index}` }),
+      worker,
       ended: false,
+      settled: new Promise((resolve) => {
+        settle = resolve;
+      }),
     };
-    entry.worker.unref();
+    worker.once('message', settle);
     // A failure is reported when a VM asks for the thread: it then starts
     // a fresh one, which fails the same way in full view.
-    entry.worker.once('error', () => {
+    worker.once('error', () => {
       entry.ended = true;
+      settle();
     });
-    entry.worker.once('exit', () => {
+    worker.once('exit', () => {
       entry.ended = true;
+      settle();
     });
     pool.push(entry);
   }
@@ -57,6 +67,7 @@ export function takeVcpuWorker(index: number): Worker {
     const entry = pool.shift();
     if (!entry) return new Worker(VCPU_THREAD_URL, { name: `vcpu${index}` });
     if (entry.ended) continue;
+    entry.worker.removeAllListeners('message');
     entry.worker.removeAllListeners('error');
     entry.worker.removeAllListeners('exit');
     entry.worker.ref();
@@ -85,4 +96,26 @@ export function vcpuCountHint(argv: readonly string[]): number {
     if (m) count = Number(m[1]);
   }
   return Math.max(1, Math.min(count, 64));
+}
+
+/**
+ * Waits, at most `timeoutMs`, until no prestarted worker that was never
+ * taken is still loading. The process must not end before: ending it
+ * terminates the workers, and one terminated inside koffi's set-up aborts
+ * the whole process (koffi's napi_throw is fatal once the thread is being
+ * torn down: seen as exit status 134 and a native stack after a usage
+ * error, in about 1 run in 150 on a loaded 2-core host). False if the
+ * bound passed first.
+ */
+export async function prestartedWorkersSettled(timeoutMs: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<false>((resolve) => {
+    timer = setTimeout(resolve, timeoutMs, false);
+  });
+  const settled = Promise.all(pool.map((e) => e.settled)).then(() => true as const);
+  try {
+    return await Promise.race([settled, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
 }

@@ -74,6 +74,9 @@ const port = parentPort!;
 // The thread may be started before its vCPU exists (prestartVcpuWorkers:
 // Node's start and the loading of this module overlap with the main
 // thread's own start-up), so what it runs comes in its first message.
+// Saying it is loaded lets a process that ends before it builds a VM wait
+// until no native code runs here (vcpu-prestart.ts says why).
+port.postMessage({ type: 'loaded' } satisfies VcpuMessage);
 const data = await new Promise<VcpuThreadData>((resolve) => {
   port.once('message', (message: VcpuThreadInit) => resolve(message.data));
 });

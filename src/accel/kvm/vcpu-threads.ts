@@ -118,6 +118,8 @@ class VcpuThread {
     });
     this.worker.on('message', (message: VcpuMessage) => {
       switch (message.type) {
+        case 'loaded':
+          return;
         case 'ready':
           this.tid = message.tid;
           readyResolve();
