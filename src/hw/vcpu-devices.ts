@@ -10,8 +10,10 @@
  * shared lock (see hw/char/serial.ts), which plays the part of QEMU's big
  * lock.
  */
+import type { CoalescedRing } from '../accel/kvm/coalesced-ring.js';
 import { writeOrDrop } from '../util/fd-writer.js';
 import { Serial16550 } from './char/serial.js';
+import { CoalescedIo } from './coalesced-io.js';
 
 /** Everything a vCPU thread needs to build its view of the devices: plain, transferable data. */
 export interface VcpuDevicePlan {
@@ -25,6 +27,12 @@ export interface VcpuDevicePlan {
   };
   /** A port whose writes are only counted (the exit-rate benchmark's target). */
   countingPort?: number;
+  /**
+   * Present when the VM queues some port writes in KVM's coalesced ring
+   * (the UART's THR): where the ring is in the vCPU mapping, and the lock
+   * every thread takes to drain it (hw/coalesced-io.ts).
+   */
+  coalesced?: { ringPage: number; state: SharedArrayBuffer };
 }
 
 /** How the devices reach the interrupt controller and the exit counter. */
@@ -32,6 +40,8 @@ export interface VcpuDeviceHost {
   setIrqLine(irq: number, level: boolean): void;
   countWrite(): void;
   unassigned(kind: 'pio' | 'mmio', addr: number | bigint, size: number, write: boolean): void;
+  /** The coalesced ring page `ringPage` of this thread's vCPU mapping. */
+  coalescedRing?(ringPage: number): CoalescedRing;
 }
 
 /** Port and MMIO dispatch for one vCPU thread. */
@@ -39,6 +49,7 @@ export class VcpuDevices {
   private readonly serial: Serial16550 | undefined;
   private readonly serialBase: number;
   private readonly countingPort: number;
+  private readonly coalesced: CoalescedIo | undefined;
 
   constructor(
     plan: VcpuDevicePlan,
@@ -56,6 +67,21 @@ export class VcpuDevices {
           setIrq: (level) => host.setIrqLine(serial.irq, level),
         })
       : undefined;
+    const coalesced = plan.coalesced;
+    this.coalesced =
+      coalesced && host.coalescedRing
+        ? new CoalescedIo(host.coalescedRing(coalesced.ringPage), coalesced.state, (port, bytes) =>
+            this.portIo(port, 1, bytes.length, true, bytes),
+          )
+        : undefined;
+  }
+
+  /**
+   * Serves the port writes KVM queued instead of exiting, from any vCPU.
+   * Called after every KVM_RUN, before its exit is served.
+   */
+  flushCoalesced(): void {
+    this.coalesced?.flush();
   }
 
   /**

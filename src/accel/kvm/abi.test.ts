@@ -22,6 +22,7 @@ import {
   KVM_SYSTEM_EVENT,
   KVMIO,
 } from './ioctls.js';
+import * as coalesced from './structs/coalesced-mmio.js';
 import * as cpuid from './structs/cpuid.js';
 import * as fpu from './structs/fpu.js';
 import { type AnyField, cMemberName, fieldSize, type StructCodec } from './structs/layout.js';
@@ -66,6 +67,9 @@ const CODECS: StructCodec<unknown>[] = [
   vm.KVM_IRQ_LEVEL,
   vm.KVM_DIRTY_LOG,
   vm.KVM_ENABLE_CAP_STRUCT,
+  coalesced.KVM_COALESCED_MMIO_ZONE,
+  coalesced.KVM_COALESCED_MMIO,
+  coalesced.KVM_COALESCED_MMIO_RING_HEADER,
 ];
 
 function structChecks(codec: StructCodec<unknown>): Check[] {
@@ -130,6 +134,11 @@ function allChecks(): Check[] {
       key: 'offsetof(kvm_msrs.entries)',
       cExpr: 'offsetof(struct kvm_msrs, entries)',
       expected: msrs.KVM_MSRS_HEADER_SIZE,
+    },
+    {
+      key: 'offsetof(kvm_coalesced_mmio_ring.coalesced_mmio)',
+      cExpr: 'offsetof(struct kvm_coalesced_mmio_ring, coalesced_mmio)',
+      expected: coalesced.KVM_COALESCED_MMIO_RING_HEADER_SIZE,
     },
     {
       key: 'offsetof(kvm_msr_list.indices)',

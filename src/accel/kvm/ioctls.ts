@@ -5,6 +5,7 @@
  * and the argument struct's size taken from the struct codecs, so a wrong
  * struct size shows up as a wrong request number in the cross-check test.
  */
+import { KVM_COALESCED_MMIO_ZONE_SIZE } from './structs/coalesced-mmio.js';
 import { KVM_CPUID2_HEADER_SIZE } from './structs/cpuid.js';
 import { KVM_FPU_SIZE, KVM_XCRS_SIZE, KVM_XSAVE_SIZE } from './structs/fpu.js';
 import { KVM_MSR_LIST_HEADER_SIZE, KVM_MSRS_HEADER_SIZE } from './structs/msrs.js';
@@ -74,6 +75,8 @@ export const KVM_IOCTLS = {
   KVM_IRQ_LINE: iow(0x61, KVM_IRQ_LEVEL_SIZE),
   KVM_GET_IRQCHIP: iowr(0x62, KVM_IRQCHIP_SIZE),
   KVM_SET_IRQCHIP: ior(0x63, KVM_IRQCHIP_SIZE),
+  KVM_REGISTER_COALESCED_MMIO: iow(0x67, KVM_COALESCED_MMIO_ZONE_SIZE),
+  KVM_UNREGISTER_COALESCED_MMIO: iow(0x68, KVM_COALESCED_MMIO_ZONE_SIZE),
   KVM_IRQ_LINE_STATUS: iowr(0x67, KVM_IRQ_LEVEL_SIZE),
   KVM_CREATE_PIT2: iow(0x77, KVM_PIT_CONFIG_SIZE),
   KVM_SET_CLOCK: iow(0x7b, KVM_CLOCK_DATA_SIZE),
@@ -165,6 +168,7 @@ export const KVM_CAP = {
   IMMEDIATE_EXIT: 136,
   X86_DISABLE_EXITS: 143,
   GET_MSR_FEATURES: 153,
+  COALESCED_PIO: 162,
   EXCEPTION_PAYLOAD: 164,
   MANUAL_DIRTY_LOG_PROTECT2: 168,
   X86_USER_SPACE_MSR: 188,

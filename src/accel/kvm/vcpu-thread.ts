@@ -100,6 +100,7 @@ const devices = new VcpuDevices(data.devices, {
   setIrqLine: (irq, level) => vm.irqLine(irq, level ? 1 : 0),
   countWrite: () => Atomics.add(ctl, CTL_PIO_COUNT, 1),
   unassigned: () => {},
+  coalescedRing: (page) => vcpu.coalescedRing(page),
 });
 
 /** Set when the guest asked for something only the main thread can do (reset, power-off, a failure). */
@@ -268,6 +269,8 @@ function loop(): void {
       lastReturn = undefined;
     }
     if (traceExit.enabled) traceExit.emit({ cpu: data.index, reason: exitReasonName(reason) });
+    // Writes KVM queued while the guest ran come before whatever this exit is.
+    devices.flushCoalesced();
     handleExit(reason);
   }
 }

@@ -84,7 +84,8 @@ class VcpuThread {
 
   constructor(
     readonly index: number,
-    vcpuFd: number,
+    /** The vCPU fd: its thread owns it and closes it when it ends. */
+    readonly vcpuFd: number,
     options: VcpuThreadsOptions,
   ) {
     const channel = new MessageChannel();
@@ -298,6 +299,17 @@ export class VcpuThreads implements CpuController {
 
   get count(): number {
     return this.threads.length;
+  }
+
+  /**
+   * vCPU `index`'s fd, to map a page the VM shares through every vCPU fd
+   * (the coalesced ring) while the threads run. The thread owns the fd:
+   * never close it or issue ioctls on it from here.
+   */
+  vcpuFd(index: number): number {
+    const t = this.threads[index];
+    if (!t) throw new RangeError(`no vCPU ${index}`);
+    return t.vcpuFd;
   }
 
   /** Kernel thread ids of the vCPU threads, by index (query-cpus-fast's thread-id). */

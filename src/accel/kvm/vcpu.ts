@@ -4,6 +4,7 @@
  * vCPU worker thread can build its own from numbers posted to it.
  */
 import { traceEvent } from '../../trace/control.js';
+import { CoalescedRing } from './coalesced-ring.js';
 import { Errno } from './errno.js';
 import { KvmIoctlError, SyscallError } from './errors.js';
 import {
@@ -19,6 +20,7 @@ import {
 } from './ffi.js';
 import { KVM_EXIT, KVM_IOCTLS, type KvmIoctlName } from './ioctls.js';
 import { KvmFd } from './kvm-fd.js';
+import { KVM_COALESCED_RING_BYTES } from './structs/coalesced-mmio.js';
 import {
   allocKvmCpuid2,
   decodeKvmCpuid2,
@@ -80,6 +82,7 @@ export class KvmVcpu extends KvmFd {
   readonly runSize: number;
   /** Typed access to the kvm_run page. */
   readonly kvmRun: KvmRun;
+  #coalescedRing: CoalescedRing | undefined;
 
   /**
    * Takes ownership of vCPU fd `fd` and maps its kvm_run page
@@ -116,6 +119,27 @@ export class KvmVcpu extends KvmFd {
     const errno = lastErrno();
     if (errno === Errno.EINTR || errno === Errno.EAGAIN) return KVM_EXIT.INTR;
     throw new KvmIoctlError('KVM_RUN', errno);
+  }
+
+  /**
+   * The VM's coalesced I/O ring, as this vCPU's mapping holds it
+   * `pageOffset` pages in (KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO)).
+   */
+  coalescedRing(pageOffset: number): CoalescedRing {
+    const start = pageOffset * KVM_COALESCED_RING_BYTES;
+    if (
+      !Number.isInteger(pageOffset) ||
+      pageOffset < 1 ||
+      start + KVM_COALESCED_RING_BYTES > this.runSize
+    ) {
+      throw new RangeError(
+        `the coalesced ring at page ${pageOffset} is outside the ${this.runSize}-byte vCPU mapping`,
+      );
+    }
+    this.#coalescedRing ??= new CoalescedRing(
+      viewNative(this.runPtr + BigInt(start), KVM_COALESCED_RING_BYTES),
+    );
+    return this.#coalescedRing;
   }
 
   protected override traceIoctl(name: KvmIoctlName, ret: number): void {
@@ -309,6 +333,7 @@ export class KvmVcpu extends KvmFd {
   override close(): void {
     if (this.closed) return;
     this.kvmRun.detach();
+    this.#coalescedRing?.detach();
     if (sysMunmap(this.runPtr, this.runSize) < 0) {
       const errno = lastErrno();
       super.close();

@@ -7,6 +7,7 @@ import { traceEvent } from '../../trace/control.js';
 import { addressOf } from './ffi.js';
 import type { KvmIoctlName } from './ioctls.js';
 import { closeFd, KvmFd } from './kvm-fd.js';
+import { KVM_COALESCED_MMIO_ZONE } from './structs/coalesced-mmio.js';
 import {
   KVM_CLOCK_DATA,
   KVM_DIRTY_LOG,
@@ -104,6 +105,18 @@ export class KvmVm extends KvmFd {
   /** KVM_SET_PIT2. */
   setPit2(state: KvmPitState2): void {
     this.ioctlPtr('KVM_SET_PIT2', KVM_PIT_STATE2.encode(state));
+  }
+
+  /**
+   * KVM_REGISTER_COALESCED_MMIO for ports `port`..`port + length - 1`:
+   * KVM queues the guest's writes there in the coalesced ring instead of
+   * exiting for each (KVM_CAP_COALESCED_PIO).
+   */
+  registerCoalescedPio(port: number, length: number): void {
+    this.ioctlPtr(
+      'KVM_REGISTER_COALESCED_MMIO',
+      KVM_COALESCED_MMIO_ZONE.encode({ addr: BigInt(port), size: length, pio: 1 }),
+    );
   }
 
   /** KVM_IRQ_LINE: drive GSI `irq` to `level` (0 or 1). */

@@ -22,7 +22,15 @@ export type X86MigrationHostOptions = Pick<
 export function x86MigrationHost(
   machine: Pick<
     X86Machine,
-    'vm' | 'memory' | 'vcpus' | 'lifecycle' | 'kvmclock' | 'serial' | 'tscAtStop' | 'restoredTsc'
+    | 'vm'
+    | 'memory'
+    | 'vcpus'
+    | 'lifecycle'
+    | 'kvmclock'
+    | 'serial'
+    | 'tscAtStop'
+    | 'restoredTsc'
+    | 'flushCoalescedIo'
   >,
   options: X86MigrationHostOptions,
 ): MigrationHost {
@@ -35,6 +43,7 @@ export function x86MigrationHost(
       cpus: machine.vcpus,
       kvmclock: machine.kvmclock,
       serialState: machine.serial.state,
+      flushSerial: () => machine.flushCoalescedIo(),
       tscAtStop: machine.tscAtStop,
       restoredTsc: machine.restoredTsc,
     }),

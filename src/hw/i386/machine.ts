@@ -5,17 +5,27 @@
  */
 
 import { kvmHostCapabilities } from '../../accel/kvm/capabilities.js';
+import { mapCoalescedRing } from '../../accel/kvm/coalesced-ring.js';
 import { type CpuSavedState, MSR_IA32_TSC } from '../../accel/kvm/cpu-state.js';
 import { CLOCK_REALTIME, clockGettimeNs } from '../../accel/kvm/ffi.js';
-import { KVM_CLOCK_REALTIME } from '../../accel/kvm/ioctls.js';
+import { KVM_CAP, KVM_CLOCK_REALTIME } from '../../accel/kvm/ioctls.js';
 import { GuestMemory } from '../../accel/kvm/memory/guest-memory.js';
+import { KVM_COALESCED_RING_BYTES } from '../../accel/kvm/structs/coalesced-mmio.js';
 import { Kvm } from '../../accel/kvm/system.js';
 import { type GuestRequest, VcpuThreads } from '../../accel/kvm/vcpu-threads.js';
 import type { KvmVm } from '../../accel/kvm/vm.js';
 import { type CpuController, VmLifecycle } from '../../system/cpus.js';
 import { TsvmmError } from '../../util/errors.js';
+import { writeOrDrop } from '../../util/fd-writer.js';
 import { kvmIsPvm } from '../../util/kvm-gate.js';
-import { COM1_BASE, COM1_IRQ, createSerialState, Serial16550 } from '../char/serial.js';
+import {
+  COM1_BASE,
+  COM1_IRQ,
+  createSerialState,
+  Serial16550,
+  UART_RBR_THR_DLL,
+} from '../char/serial.js';
+import { CoalescedIo, createCoalescedIoState } from '../coalesced-io.js';
 import { type CpuFeatureSetting, hiddenFlagsKvmDoesNotList } from './cpu-features.js';
 import { buildGuestCpuid } from './cpuid.js';
 import { bootGuest, type GuestBoot } from './guest-boot.js';
@@ -29,6 +39,12 @@ import { PROBE_MAX_CPUS, probeMemoryNeeded } from './probe-boot.js';
 const TSS_ADDR = 0xfffbd000;
 /** The port the I/O-loop guest writes to (bench/exit-rate). */
 export const COUNTING_PORT = 0x500;
+/**
+ * How often the main thread takes the UART writes KVM queued. A vCPU
+ * thread takes them at its next exit; this bounds how long the last bytes
+ * of a guest that writes and then idles in the kernel wait to be seen.
+ */
+const COALESCED_FLUSH_MS = 10;
 
 export interface MachineOptions {
   cpus: number;
@@ -67,6 +83,33 @@ export interface MachineFaults extends KvmClockFaults {
 
 export class MachineError extends TsvmmError {}
 
+/** The main thread's consumer of the coalesced ring, and what ends it. */
+interface MainCoalescedIo {
+  readonly io: CoalescedIo;
+  readonly timer: NodeJS.Timeout;
+  readonly unmap: () => void;
+}
+
+/**
+ * Has KVM queue the guest's writes to the UART's transmit register in the
+ * coalesced ring rather than exit for each, where KVM offers coalesced port
+ * I/O and the ring lies in the vCPU mapping. A console line then costs the
+ * guest one exit (the read that follows it), not one per byte: most of
+ * what printing costs a guest under nested or emulated KVM. Undefined
+ * where KVM cannot: every write exits as before.
+ */
+function coalesceUartWrites(
+  kvm: Kvm,
+  vm: KvmVm,
+  runMmapSize: number,
+): { ringPage: number; state: SharedArrayBuffer } | undefined {
+  const ringPage = kvm.checkExtension(KVM_CAP.COALESCED_MMIO);
+  if (ringPage <= 0 || kvm.checkExtension(KVM_CAP.COALESCED_PIO) <= 0) return undefined;
+  if ((ringPage + 1) * KVM_COALESCED_RING_BYTES > runMmapSize) return undefined;
+  vm.registerCoalescedPio(COM1_BASE + UART_RBR_THR_DLL, 1);
+  return { ringPage, state: createCoalescedIoState() };
+}
+
 /** A created, not yet started VM (it sits in prelaunch until vmStart). */
 export class X86Machine {
   private constructor(
@@ -84,7 +127,13 @@ export class X86Machine {
     readonly restoredTsc: (bigint | undefined)[],
     /** The kvmclock sanitizer, when asked for. */
     readonly kvmclockSanitizer: KvmClockSanitizer | undefined,
+    private readonly coalescedIo: MainCoalescedIo | undefined,
   ) {}
+
+  /** Serves the UART writes KVM queued so far (before the UART's state is read). */
+  flushCoalescedIo(): void {
+    this.coalescedIo?.io.flush();
+  }
 
   static async create(options: MachineOptions): Promise<X86Machine> {
     const maxCpus = options.boot.kind === 'probe' ? PROBE_MAX_CPUS : MPTABLE_MAX_CPUS;
@@ -121,18 +170,43 @@ export class X86Machine {
       memory.register(vm);
 
       const serialState = createSerialState();
+      const runMmapSize = kvm.getVcpuMmapSize();
+      const coalesced = coalesceUartWrites(kvm, vm, runMmapSize);
       const vcpus = await VcpuThreads.start({
         vm,
         count: options.cpus,
-        runMmapSize: kvm.getVcpuMmapSize(),
+        runMmapSize,
         devices: {
           serial: { state: serialState, base: COM1_BASE, irq: COM1_IRQ, outFd: options.serialFd },
           countingPort: COUNTING_PORT,
+          ...(coalesced ? { coalesced } : {}),
         },
         onGuestRequest: (request) => options.onGuestRequest?.(request),
         ...(options.faults?.vcpuIgnoresKicks ? { ignoreKicks: true } : {}),
       });
       cleanups.push(() => vcpus.end());
+      // The main thread's handle on the UART: console input, migration, and
+      // the writes it takes from the coalesced ring.
+      const serialFd = options.serialFd;
+      const serial = new Serial16550(serialState, {
+        transmit: (bytes) => {
+          if (serialFd !== null) writeOrDrop(serialFd, bytes);
+        },
+        setIrq: (level) => vm.irqLine(COM1_IRQ, level ? 1 : 0),
+      });
+      let mainCoalesced: MainCoalescedIo | undefined;
+      if (coalesced) {
+        const mapped = mapCoalescedRing(vcpus.vcpuFd(0), coalesced.ringPage);
+        const io = new CoalescedIo(mapped.ring, coalesced.state, (port, bytes) =>
+          serial.writeMany(port - COM1_BASE, bytes),
+        );
+        const timer = setInterval(() => io.flush(), COALESCED_FLUSH_MS).unref();
+        mainCoalesced = { io, timer, unmap: mapped.unmap };
+        cleanups.push(() => {
+          clearInterval(timer);
+          mapped.unmap();
+        });
+      }
       // Every vCPU gets the host's CPUID with its own APIC id and the KVM
       // paravirtual leaves (so a guest finds kvm-clock), and a PC's boot state.
       const supported = kvm.getSupportedCpuid();
@@ -297,10 +371,6 @@ export class X86Machine {
           options.kvmclockCheck,
         );
       }
-      const serial = new Serial16550(serialState, {
-        transmit: () => {},
-        setIrq: (level) => vm.irqLine(COM1_IRQ, level ? 1 : 0),
-      });
       return new X86Machine(
         kvm,
         vm,
@@ -312,6 +382,7 @@ export class X86Machine {
         tscAtStop,
         restoredTsc,
         sanitizer,
+        mainCoalesced,
       );
     } catch (err) {
       await undo();
@@ -322,6 +393,12 @@ export class X86Machine {
   /** Ends the vCPU threads (kicking each out of KVM_RUN) and releases RAM and fds. */
   async destroy(): Promise<void> {
     await this.vcpus.end();
+    if (this.coalescedIo) {
+      clearInterval(this.coalescedIo.timer);
+      // What the guest wrote last still goes out.
+      this.coalescedIo.io.flush();
+      this.coalescedIo.unmap();
+    }
     this.kvmclock.unrealize(this.lifecycle.notifiers);
     this.memory.close();
     this.vm.close();

@@ -30,6 +30,8 @@ export interface X86MigrationParts {
   readonly kvmclock: KvmClockDevice;
   /** The UART's shared state (createSerialState()). */
   readonly serialState: SharedArrayBuffer;
+  /** Serves UART writes still queued (the coalesced ring) before its state is read. */
+  readonly flushSerial?: () => void;
   /** Each vCPU's TSC read when the clock was saved at this stop; saved in its place. */
   readonly tscAtStop?: readonly (bigint | undefined)[];
   /** Filled with each vCPU's TSC as loaded (the kvmclock sanitizer reads the source's last moment at it). */
@@ -78,7 +80,10 @@ export function x86MigrationDevices(parts: X86MigrationParts): MigratableDevice[
     restore: () => restoreIrqchipState(parts.vm, chips),
   });
   for (const section of rest) devices.push({ section });
-  devices.push({ section: serialSection(serialMigrationState(parts.serialState)) });
+  devices.push({
+    section: serialSection(serialMigrationState(parts.serialState)),
+    capture: () => parts.flushSerial?.(),
+  });
   devices.push({ section: kvmclockSection(parts.kvmclock) });
   return devices;
 }
