@@ -158,6 +158,39 @@ test('KVM_RUN runs real-mode code: a port write exits with its data, then HLT ex
   vcpu.kvmRun.immediateExit = 0;
 });
 
+test('a coalesced port: KVM queues its writes in the ring without exiting; another port still exits', (t) => {
+  if (!requireKvm(t)) return;
+  const { kvm, mem, vcpu, vm } = makeMachine(t, false);
+  const ringPage = kvm.checkExtension(KVM_CAP.COALESCED_MMIO);
+  assert.ok(ringPage > 0, 'KVM_CAP_COALESCED_MMIO gives the ring page');
+  assert.ok(kvm.checkExtension(KVM_CAP.COALESCED_PIO) > 0, 'KVM_CAP_COALESCED_PIO');
+  vm.registerCoalescedPio(0x3f8, 1);
+  // mov dx, 0x3f8 ; mov al, 'o' ; out dx, al ; mov al, 'k' ; out dx, al ;
+  // inc dx ; out dx, al (0x3f9: not coalesced) ; hlt
+  mem.write(
+    0x1000,
+    Uint8Array.of(0xba, 0xf8, 0x03, 0xb0, 0x6f, 0xee, 0xb0, 0x6b, 0xee, 0x42, 0xee, 0xf4),
+  );
+  const sregs = vcpu.getSregs();
+  sregs.cs.base = 0n;
+  sregs.cs.selector = 0;
+  vcpu.setSregs(sregs);
+  vcpu.setRegs({ ...vcpu.getRegs(), rip: 0x1000n, rflags: 2n });
+  const ring = vcpu.coalescedRing(ringPage);
+  assert.equal(ring.pending, false);
+
+  assert.equal(vcpu.run(), KVM_EXIT.IO, 'the first exit is the uncoalesced port');
+  assert.equal(vcpu.kvmRun.io().port, 0x3f9);
+  const queued: [number, boolean, number[]][] = [];
+  ring.drain((addr, pio, data) => queued.push([addr, pio, [...data]]));
+  assert.deepEqual(queued, [
+    [0x3f8, true, [0x6f]],
+    [0x3f8, true, [0x6b]],
+  ]);
+  assert.equal(ring.pending, false);
+  assert.equal(vcpu.run(), KVM_EXIT.HLT);
+});
+
 test('handles refuse use after close and release every fd', (t) => {
   if (!requireKvm(t)) return;
   const before = openFds();
