@@ -5,8 +5,9 @@
  * and CLOCK_BOOTTIME every 100 ms (1 s under emulation), plus any
  * backwards step and any soft-lockup or RCU-stall record of the kernel log.
  *
- * - freeze (QEMU's behaviour), across a 5 s stop/cont and across stop,
- *   save, 5 s, restore, cont: the guest's clocks advance by the reporter's
+ * - freeze (QEMU's behaviour), across a 5 s stop/cont, across stop,
+ *   save, 5 s, restore, cont, and across a live migration of the running
+ *   guest to another process: the guest's clocks advance by the reporter's
  *   interval and no more than 50 ms beyond it: the pause is invisible;
  * - realtime, across a 5 s stop/cont: they advance by the host's pause
  *   too, and with KVMCLOCK_CTRL sent the watchdog stays quiet;
@@ -216,8 +217,8 @@ async function bootClockGuest(
   return v;
 }
 
-test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invisible to its clocks', {
-  timeout: scaled(BOOT_MS * 2 + 120_000),
+test('Linux, policy=freeze: a 5 s stop/cont, save -> 5 s -> restore and a live migration are invisible to its clocks', {
+  timeout: scaled(BOOT_MS * 2 + 240_000),
 }, async (t) => {
   if (!requireFullKvm(t)) return;
   const scope = new ProcessScope(t);
@@ -282,7 +283,44 @@ test('Linux, policy=freeze: a 5 s stop/cont and save -> 5 s -> restore are invis
   }
   assertClean(dst.serial, 'freeze restore');
   await assertSanitizerSilent(dst, 'freeze restore');
+
+  // The restored guest, running, migrated live to a third process over a
+  // unix socket: it runs through the RAM passes, and only the last one's
+  // stop must stay out of its clocks.
+  const sock = join(dir, 'live.sock');
+  const dst2 = await startWithQmp(scope, dir, 'dst2', [
+    ...linuxArgs(guest, []),
+    '-incoming',
+    `unix:${sock}`,
+  ]);
+  const migrateSent = process.hrtime.bigint();
+  await within(dst.qmp.execute('migrate', { uri: `unix:${sock}` }), 'migrate');
+  const liveDeadline = performance.now() + scaled(120_000);
+  while ((await queryStatus(dst.qmp)).status !== 'postmigrate') {
+    assert.ok(performance.now() < liveDeadline, 'the live migration completes');
+    await sleep(50);
+  }
+  const migratedNs = process.hrtime.bigint() - migrateSent;
+  const liveNear = report(dst.serial).samples.at(-1)!;
+  await waitRunning(dst2.qmp);
+  await waitSample(dst2.serial, liveNear.n + 8, 10_000);
+  const liveSamples = [...report(dst.serial).samples, ...report(dst2.serial).samples];
+  const live = pauseAround(liveSamples, liveNear.n - 3, liveNear.n + 8, INTERVAL_NS);
+  assert.ok(live, `samples around ${liveNear.n}`);
+  t.diagnostic(
+    `freeze live migration, ${Number(migratedNs / MS)} ms from migrate to postmigrate: ${describePause(live)}`,
+  );
+  for (const clock of CLOCK_NAMES) {
+    assert.ok(
+      live.beyond[clock] < LEAK_BOUND,
+      `freeze live migration: ${clock} took in the downtime: ${describePause(live)}`,
+    );
+  }
+  assertClean(dst.serial, 'freeze live migration, source');
+  assertClean(dst2.serial, 'freeze live migration, destination');
+  await assertSanitizerSilent(dst2, 'freeze live migration');
   await quit(dst);
+  await quit(dst2);
 });
 
 test('Linux, policy=realtime: its clocks take in the 5 s stop, and KVMCLOCK_CTRL keeps the watchdog quiet', {
