@@ -181,7 +181,8 @@ put_u64:
 
 /*
  * line_end: append '\n' and send the line at [rbp, rdi) with one rep outsb,
- * holding console_lock so that no other vCPU's bytes come in between.
+ * holding console_lock so that no other vCPU's bytes come in between, until
+ * the UART says it has sent them.
  */
 line_end:
         mov     byte ptr [rdi], 10
@@ -200,6 +201,13 @@ line_end:
         mov     dx, 0x3f8
         cld
         rep outsb
+        /* Wait for the transmitter to drain (LSR.TEMT) before letting go of
+         * the console. Where the VMM queues THR writes without an exit
+         * (coalesced I/O), this read also hands it the line at once. */
+        add     dx, 5
+10:     in      al, dx
+        test    al, 0x40
+        jz      10b
         mov     dword ptr [rip + console_lock], 0
         ret
 

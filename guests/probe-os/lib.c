@@ -167,6 +167,7 @@ void l_kx(struct line *l, const char *key, u64 v)
 #define UART_LSR 5
 #define LSR_DR 0x01
 #define LSR_THRE 0x20
+#define LSR_TEMT 0x40
 
 static volatile u32 con_lock;
 static int uart_fifo = 1; /* 16 bytes per THRE; 1 if the FIFO is absent */
@@ -192,7 +193,8 @@ int uart_getc(void)
 }
 
 /* Send bytes: wait for an empty transmitter, then up to a FIFO's worth with
- * one rep outsb (one exit per burst under a VMM). */
+ * one rep outsb (one exit per burst under a VMM, none where the VMM
+ * coalesces THR writes), and at the end wait for it to drain. */
 static void uart_write(const char *s, unsigned n)
 {
 	while (n) {
@@ -202,6 +204,11 @@ static void uart_write(const char *s, unsigned n)
 		__asm__ volatile("rep outsb" : "+S"(s), "+c"(burst) : "d"((u16)COM1) : "memory");
 		n -= n < (unsigned)uart_fifo ? n : (unsigned)uart_fifo;
 	}
+	/* Wait for the transmitter to drain before the line is given up, as a
+	 * console driver does. Under a VMM that queues THR writes without an
+	 * exit (coalesced I/O), this read is also what hands it the last burst. */
+	for (u32 spins = 0; !(inb(COM1 + UART_LSR) & LSR_TEMT) && spins < 1000000; spins++)
+		cpu_relax();
 }
 
 static void con_emit(struct line *l, int bounded)

@@ -288,6 +288,8 @@ describe('command line: each option', () => {
       run('-global', 'kvmclock.x-mach-use-reliable-get-clock=off').kvmclock.machUseReliableGetClock,
       false,
     );
+    assert.equal(run().serialDevice.coalesceTx, true, 'console bytes are coalesced by default');
+    assert.equal(run('-global', 'isa-serial.x-coalesce-tx=off').serialDevice.coalesceTx, false);
     assert.equal(
       run('-global', 'driver=kvmclock,property=x-mach-use-reliable-get-clock,value=on').kvmclock
         .machUseReliableGetClock,
@@ -455,7 +457,12 @@ describe('command line: errors name the option', () => {
     [['-name', 'guest=a,color=red'], /property 'color' is not supported/],
     [['-name', 'a,debug-threads=maybe'], /expected 'on' or 'off'/],
     [['-trace', 'bogus=1'], /property 'bogus' is not supported/],
-    [['-global', 'e1000.mac=x'], /unknown driver 'e1000'; .*policy, check/],
+    [['-global', 'e1000.mac=x'], /unknown driver 'e1000'; .*policy, check.* isa-serial/],
+    [
+      ['-global', 'isa-serial.baud=9600'],
+      /isa-serial has no property 'baud'; it has x-coalesce-tx/,
+    ],
+    [['-global', 'isa-serial.x-coalesce-tx=sometimes'], /expected 'on' or 'off'/],
     [['-global', 'kvmclock.speed=2'], /kvmclock has no property 'speed'; it has policy, check/],
     [
       ['-global', 'kvmclock.policy=smear'],

@@ -101,6 +101,11 @@ export interface VmConfig {
     /** `-x-clock-set-backwards NS`: every start sets the clock NS ns too early. */
     setClockBackwardsNs: bigint;
   };
+  /** COM1's options (`-global isa-serial.PROP=VALUE`). */
+  serialDevice: {
+    /** x-coalesce-tx: KVM queues transmit-register writes in the coalesced ring (default on). */
+    coalesceTx: boolean;
+  };
   /** kvmclock device options (`-global kvmclock.PROP=VALUE`). */
   kvmclock: {
     /** x-mach-use-reliable-get-clock (default on). */
@@ -168,6 +173,7 @@ function defaultConfig(): VmConfig {
       skipSetClockOnRestore: false,
       setClockBackwardsNs: 0n,
     },
+    serialDevice: { coalesceTx: true },
     kvmclock: { machUseReliableGetClock: true, policy: 'freeze', check: false },
   };
 }
@@ -335,8 +341,8 @@ const OPTIONS: readonly OptionDef[] = [
   }),
   valued(
     ['-global'],
-    'kvmclock.PROP=VALUE',
-    'set a kvmclock property: policy=freeze|realtime (guest clock across a stop or save: frozen as QEMU, or advanced by the wall time), check=on|off (the kvmclock sanitizer), x-mach-use-reliable-get-clock=on|off',
+    'DRIVER.PROP=VALUE',
+    'set a device property. kvmclock: policy=freeze|realtime (guest clock across a stop or save: frozen as QEMU, or advanced by the wall time), check=on|off (the kvmclock sanitizer), x-mach-use-reliable-get-clock=on|off. isa-serial (COM1): x-coalesce-tx=on|off (KVM queues console bytes without an exit each; default on)',
     (s, v) => applyGlobal(s, v),
   ),
   valued(
@@ -693,9 +699,18 @@ function applyGlobal(s: ParseState, value: string): void {
   if (driver === undefined || property === undefined || setting === undefined) {
     throw new UsageError(`-global ${value}: expected DRIVER.PROPERTY=VALUE`);
   }
+  if (driver === 'isa-serial') {
+    if (property !== 'x-coalesce-tx') {
+      throw new UsageError(
+        `-global ${value}: isa-serial has no property '${property}'; it has x-coalesce-tx`,
+      );
+    }
+    s.config.serialDevice.coalesceTx = parseQemuBool('-global', property, setting);
+    return;
+  }
   if (driver !== 'kvmclock') {
     throw new UsageError(
-      `-global ${value}: unknown driver '${driver}'; tsvmm has global properties only for kvmclock (${KVMCLOCK_GLOBALS.join(', ')})`,
+      `-global ${value}: unknown driver '${driver}'; tsvmm has global properties for kvmclock (${KVMCLOCK_GLOBALS.join(', ')}) and isa-serial (x-coalesce-tx)`,
     );
   }
   switch (property) {

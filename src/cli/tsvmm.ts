@@ -180,6 +180,7 @@ async function run(config: VmConfig): Promise<number> {
       warn: (m) => say(`warning: ${m}`),
       boot: guestBoot(config),
       serialFd,
+      coalesceSerialTx: config.serialDevice.coalesceTx,
       useReliableGetClock: config.kvmclock.machUseReliableGetClock,
       faults: {
         noKvmclockCtrl: config.faults.noKvmclockCtrl,

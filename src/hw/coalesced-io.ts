@@ -35,13 +35,14 @@ export class CoalescedIo {
     this.lock = new SharedLock(state);
   }
 
-  /** Delivers every write queued so far. Cheap when there is none. */
-  flush(): void {
-    if (!this.ring.pending) return;
-    this.lock.with(() => {
+  /** Delivers every write queued so far and says how many there were. Cheap when there is none. */
+  flush(): number {
+    if (!this.ring.pending) return 0;
+    return this.lock.with(() => {
       try {
-        this.ring.drain((addr, pio, data) => this.take(addr, pio, data));
+        const taken = this.ring.drain((addr, pio, data) => this.take(addr, pio, data));
         this.emit();
+        return taken;
       } finally {
         this.port = -1;
         this.run = [];
@@ -65,5 +66,45 @@ export class CoalescedIo {
     if (this.run.length === 0) return;
     this.deliver(this.port, Uint8Array.from(this.run));
     this.run = [];
+  }
+}
+
+/**
+ * The main thread's look at the ring, for writes no exit followed: a
+ * guest that writes its last bytes and then idles in the kernel. Drivers
+ * read a UART register after writing (Linux's interrupt handler reads IIR,
+ * its console LSR; the probe OS waits for TEMT), so a vCPU thread takes
+ * almost everything and this mostly finds nothing: it looks again soon
+ * after it found writes, and backs off to {@link POLL_MAX_MS} while it
+ * finds none, so an idle VM wakes the main thread a few times a second,
+ * not a hundred (which under emulation costs a good part of a CPU).
+ */
+export class CoalescedIoPoller {
+  static readonly POLL_MIN_MS = 10;
+  static readonly POLL_MAX_MS = 250;
+  private delay = CoalescedIoPoller.POLL_MIN_MS;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly io: CoalescedIo) {
+    this.schedule();
+  }
+
+  /** Stops looking, then takes what is still queued. */
+  stop(): void {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    this.io.flush();
+  }
+
+  private schedule(): void {
+    this.timer = setTimeout(() => this.poll(), this.delay).unref();
+  }
+
+  private poll(): void {
+    const found = this.io.flush() > 0;
+    this.delay = found
+      ? CoalescedIoPoller.POLL_MIN_MS
+      : Math.min(this.delay * 2, CoalescedIoPoller.POLL_MAX_MS);
+    this.schedule();
   }
 }

@@ -25,7 +25,7 @@ import {
   Serial16550,
   UART_RBR_THR_DLL,
 } from '../char/serial.js';
-import { CoalescedIo, createCoalescedIoState } from '../coalesced-io.js';
+import { CoalescedIo, CoalescedIoPoller, createCoalescedIoState } from '../coalesced-io.js';
 import { type CpuFeatureSetting, hiddenFlagsKvmDoesNotList } from './cpu-features.js';
 import { buildGuestCpuid } from './cpuid.js';
 import { bootGuest, type GuestBoot } from './guest-boot.js';
@@ -39,12 +39,6 @@ import { PROBE_MAX_CPUS, probeMemoryNeeded } from './probe-boot.js';
 const TSS_ADDR = 0xfffbd000;
 /** The port the I/O-loop guest writes to (bench/exit-rate). */
 export const COUNTING_PORT = 0x500;
-/**
- * How often the main thread takes the UART writes KVM queued. A vCPU
- * thread takes them at its next exit; this bounds how long the last bytes
- * of a guest that writes and then idles in the kernel wait to be seen.
- */
-const COALESCED_FLUSH_MS = 10;
 
 export interface MachineOptions {
   cpus: number;
@@ -55,6 +49,8 @@ export interface MachineOptions {
   boot: GuestBoot;
   /** Where the UART's output goes: an fd, or null to drop it (`-serial none`). */
   serialFd: number | null;
+  /** Queue the UART's transmit-register writes in KVM's coalesced ring where KVM can (default true). */
+  coalesceSerialTx?: boolean;
   /** `-cpu host,...` CPUID flags, for every vCPU. */
   cpuFeatures?: readonly CpuFeatureSetting[];
   /** kvmclock's `x-mach-use-reliable-get-clock`. */
@@ -86,7 +82,7 @@ export class MachineError extends TsvmmError {}
 /** The main thread's consumer of the coalesced ring, and what ends it. */
 interface MainCoalescedIo {
   readonly io: CoalescedIo;
-  readonly timer: NodeJS.Timeout;
+  readonly poller: CoalescedIoPoller;
   readonly unmap: () => void;
 }
 
@@ -171,7 +167,8 @@ export class X86Machine {
 
       const serialState = createSerialState();
       const runMmapSize = kvm.getVcpuMmapSize();
-      const coalesced = coalesceUartWrites(kvm, vm, runMmapSize);
+      const coalesced =
+        options.coalesceSerialTx === false ? undefined : coalesceUartWrites(kvm, vm, runMmapSize);
       const vcpus = await VcpuThreads.start({
         vm,
         count: options.cpus,
@@ -200,10 +197,10 @@ export class X86Machine {
         const io = new CoalescedIo(mapped.ring, coalesced.state, (port, bytes) =>
           serial.writeMany(port - COM1_BASE, bytes),
         );
-        const timer = setInterval(() => io.flush(), COALESCED_FLUSH_MS).unref();
-        mainCoalesced = { io, timer, unmap: mapped.unmap };
+        const poller = new CoalescedIoPoller(io);
+        mainCoalesced = { io, poller, unmap: mapped.unmap };
         cleanups.push(() => {
-          clearInterval(timer);
+          poller.stop();
           mapped.unmap();
         });
       }
@@ -394,9 +391,8 @@ export class X86Machine {
   async destroy(): Promise<void> {
     await this.vcpus.end();
     if (this.coalescedIo) {
-      clearInterval(this.coalescedIo.timer);
       // What the guest wrote last still goes out.
-      this.coalescedIo.io.flush();
+      this.coalescedIo.poller.stop();
       this.coalescedIo.unmap();
     }
     this.kvmclock.unrealize(this.lifecycle.notifiers);
