@@ -65,6 +65,56 @@ const VM_CLOCK_WRONG = 75;
 /** Environment variable that marks every process a part's tests start. */
 const RUN_MARKER = 'TSVMM_TEST_RUN';
 
+/**
+ * Every child this run started and that still runs, with whether it leads
+ * a process group of its own. If the run itself is stopped (SIGTERM,
+ * SIGINT, SIGHUP: a CI timeout, Ctrl-C), each gets SIGTERM by its pid (or
+ * its group's), so no VM runner with its QEMU, and no test file with its
+ * tsvmm processes, outlives the run; the VM runner stops its QEMU on it.
+ */
+const children = new Map();
+/** Set once the run is stopped: a child started after that (a VM run's retry) is stopped at once. */
+let stopping = false;
+
+function stopChild(child, group) {
+  try {
+    process.kill(group ? -child.pid : child.pid, 'SIGTERM');
+  } catch {
+    // already gone
+  }
+}
+
+function track(child, group = false) {
+  children.set(child, group);
+  child.on('close', () => children.delete(child));
+  if (stopping) stopChild(child, group);
+  return child;
+}
+
+/** How long a stopped run waits for its children before it exits anyway. */
+const STOP_GRACE_MS = 5_000;
+
+for (const [signal, number] of [
+  ['SIGTERM', 15],
+  ['SIGINT', 2],
+  ['SIGHUP', 1],
+]) {
+  process.once(signal, () => {
+    stopping = true;
+    console.error(`run-tests: ${signal}: stopping ${children.size} child process(es)`);
+    for (const [child, group] of children) stopChild(child, group);
+    const exit = () => process.exit(128 + number);
+    if (children.size === 0) exit();
+    const check = setInterval(() => {
+      if (children.size === 0) exit();
+    }, 50);
+    setTimeout(() => {
+      clearInterval(check);
+      exit();
+    }, STOP_GRACE_MS).unref();
+  });
+}
+
 function collect(dir) {
   const found = [];
   for (const entry of readdirSync(dir, { withFileTypes: true })) {
@@ -203,6 +253,7 @@ function runTestFile(file, tapPath, testTimeoutMs, fileTimeoutMs, env) {
       ],
       { cwd: ROOT, stdio: 'inherit', env, detached: true },
     );
+    track(child, true);
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
@@ -375,7 +426,7 @@ const TAIL_LINES = 25;
  */
 function runPrefixed(command, args, prefix, env = process.env) {
   const tail = [];
-  const child = spawn(command, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = track(spawn(command, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] }));
   for (const stream of [child.stdout, child.stderr]) {
     let pending = '';
     stream.setEncoding('utf8');
@@ -748,6 +799,7 @@ async function main(filters) {
               env: { ...process.env, ...hostEnv },
             },
           );
+          track(child);
           // The VM runner's QEMUs run at nice 10. At our nice 0 the plain
           // files took a whole core for their first minutes, the two VMs
           // shared the other, and the KVM tests that watch a guest's clock
