@@ -1,12 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { CoalescedRing } from '../accel/kvm/coalesced-ring.js';
-import {
-  KVM_COALESCED_MMIO_MAX,
-  KVM_COALESCED_MMIO_RING_HEADER_SIZE,
-  KVM_COALESCED_MMIO_SIZE,
-  KVM_COALESCED_RING_BYTES,
-} from '../accel/kvm/structs/coalesced-mmio.js';
+import { fakeCoalescedRing } from '../test-support/coalesced-ring.js';
 import {
   createSerialState,
   Serial16550,
@@ -17,23 +11,8 @@ import {
 } from './char/serial.js';
 import { CoalescedIo, createCoalescedIoState } from './coalesced-io.js';
 
-function ringWithProducer() {
-  const page = new Uint8Array(KVM_COALESCED_RING_BYTES);
-  const view = new DataView(page.buffer);
-  const push = (port: number, bytes: number[]) => {
-    const last = view.getUint32(4, true);
-    const e = KVM_COALESCED_MMIO_RING_HEADER_SIZE + last * KVM_COALESCED_MMIO_SIZE;
-    view.setBigUint64(e, BigInt(port), true);
-    view.setUint32(e + 8, bytes.length, true);
-    view.setUint32(e + 12, 1, true);
-    page.set(bytes, e + 16);
-    view.setUint32(4, (last + 1) % KVM_COALESCED_MMIO_MAX, true);
-  };
-  return { ring: new CoalescedRing(page), push };
-}
-
 test('byte writes to one port go to the device as one run; another port starts a new run', () => {
-  const { ring, push } = ringWithProducer();
+  const { ring, push } = fakeCoalescedRing();
   const runs: [number, string][] = [];
   const io = new CoalescedIo(ring, createCoalescedIoState(), (port, bytes) =>
     runs.push([port, Buffer.from(bytes).toString()]),
@@ -52,7 +31,7 @@ test('byte writes to one port go to the device as one run; another port starts a
 });
 
 test('writes wider than a byte are dropped, as the exit path drops them for the UART', () => {
-  const { ring, push } = ringWithProducer();
+  const { ring, push } = fakeCoalescedRing();
   const runs: number[][] = [];
   const io = new CoalescedIo(ring, createCoalescedIoState(), (_p, bytes) => runs.push([...bytes]));
   push(0x3f8, [1, 2]);
@@ -62,7 +41,7 @@ test('writes wider than a byte are dropped, as the exit path drops them for the 
 });
 
 test('through the UART: queued bytes are transmitted in order, and a later read sees their THRE interrupt', () => {
-  const { ring, push } = ringWithProducer();
+  const { ring, push } = fakeCoalescedRing();
   const sent: number[] = [];
   const uart = new Serial16550(createSerialState(), {
     transmit: (bytes) => sent.push(...bytes),

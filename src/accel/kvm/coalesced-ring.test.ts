@@ -1,28 +1,11 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { CoalescedRing } from './coalesced-ring.js';
+import { fakeCoalescedRing } from '../../test-support/coalesced-ring.js';
+import type { CoalescedRing } from './coalesced-ring.js';
 import {
   KVM_COALESCED_MMIO_MAX,
   KVM_COALESCED_MMIO_RING_HEADER_SIZE,
-  KVM_COALESCED_MMIO_SIZE,
-  KVM_COALESCED_RING_BYTES,
 } from './structs/coalesced-mmio.js';
-
-/** A ring page laid out as KVM fills it: `push` is the producer's side. */
-function fakeRing() {
-  const page = new Uint8Array(KVM_COALESCED_RING_BYTES);
-  const view = new DataView(page.buffer);
-  const push = (addr: number, bytes: number[], pio = true) => {
-    const last = view.getUint32(4, true);
-    const e = KVM_COALESCED_MMIO_RING_HEADER_SIZE + last * KVM_COALESCED_MMIO_SIZE;
-    view.setBigUint64(e, BigInt(addr), true);
-    view.setUint32(e + 8, bytes.length, true);
-    view.setUint32(e + 12, pio ? 1 : 0, true);
-    page.set(bytes, e + 16);
-    view.setUint32(4, (last + 1) % KVM_COALESCED_MMIO_MAX, true);
-  };
-  return { page, view, push, ring: new CoalescedRing(page) };
-}
 
 function drainAll(ring: CoalescedRing) {
   const seen: { addr: number; pio: boolean; data: number[] }[] = [];
@@ -35,7 +18,7 @@ test('KVM_COALESCED_MMIO_MAX is what a 4 KiB page holds: 170 entries', () => {
 });
 
 test('queued writes come out oldest first, each slot freed (first catches up with last)', () => {
-  const { ring, view, push } = fakeRing();
+  const { ring, view, push } = fakeCoalescedRing();
   assert.equal(ring.pending, false);
   push(0x3f8, [0x68]);
   push(0x3f8, [0x69]);
@@ -52,7 +35,7 @@ test('queued writes come out oldest first, each slot freed (first catches up wit
 });
 
 test('the indices wrap at KVM_COALESCED_MMIO_MAX', () => {
-  const { ring, push, view } = fakeRing();
+  const { ring, push, view } = fakeCoalescedRing();
   const sent: number[] = [];
   for (let round = 0; round < 3; round++) {
     for (let i = 0; i < 100; i++) push(0x3f8, [(round * 100 + i) & 0xff]);
@@ -67,13 +50,13 @@ test('the indices wrap at KVM_COALESCED_MMIO_MAX', () => {
 });
 
 test('an index outside the ring is a typed error, never a read out of bounds', () => {
-  const { ring, view } = fakeRing();
+  const { ring, view } = fakeCoalescedRing();
   view.setUint32(4, KVM_COALESCED_MMIO_MAX + 5, true);
   assert.throws(() => ring.drain(() => {}), { code: 'KVM_STRUCT_INVALID' });
 });
 
 test('a length above 8 is clamped to the entry data; a detached ring reads empty', () => {
-  const { ring, view, push } = fakeRing();
+  const { ring, view, push } = fakeCoalescedRing();
   push(0x3f8, [1]);
   view.setUint32(KVM_COALESCED_MMIO_RING_HEADER_SIZE + 8, 4096, true);
   assert.equal(drainAll(ring)[0]!.data.length, 8);
