@@ -3,6 +3,8 @@
 // loads into one file per thread, in place of tsc's output for that entry:
 //   dist/cli/tsvmm.js             the main thread (everything cli/main.js loads after its vCPU prestart)
 //   dist/accel/kvm/vcpu-thread.js each vCPU thread
+//   dist/migration/migration-worker.js the migration thread (started at each
+//                                 `migrate`: its start-up is on the setup's critical path)
 // Node's ESM loader costs a resolve, a file read on its thread pool and a
 // compile per module; a run loaded about 140 of them (106 on the main
 // thread, 32 in every vCPU thread), and that was most of tsvmm's start-up.
@@ -18,7 +20,11 @@ import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const entries = ['dist/cli/tsvmm.js', 'dist/accel/kvm/vcpu-thread.js'];
+const entries = [
+  'dist/cli/tsvmm.js',
+  'dist/accel/kvm/vcpu-thread.js',
+  'dist/migration/migration-worker.js',
+];
 // Modules that cli/main.js has already loaded and that hold state the
 // bundle must see (the prestarted vCPU threads): the bundle imports them
 // from dist/ rather than carrying a second copy with a second state.
