@@ -77,11 +77,13 @@ async function child(kind, sock, size, data) {
       await out.close();
       return { ms, bytes };
     }
+    const ram = guestMemoryRam(mem);
     const writer = new WorkerStreamWriter({
       sink: out.sink,
       machineType: 'pc',
       vcpus: 1,
-      ram: nativeRamLayout(guestMemoryRam(mem)),
+      ram: nativeRamLayout(ram),
+      ramHere: ram,
       devices: [],
     });
     try {

@@ -86,11 +86,34 @@ export class StreamWriter {
   private failure: unknown;
   private readonly startedAt = performance.now();
 
+  private readonly chunk: number;
+
+  /**
+   * `chunkBytes`: the size of each chunk, 1 MiB by default; a small value
+   * suits a writer that puts a few kilobytes (a device section): each
+   * chunk is a fresh allocation, and 1 MiB ones for a 6 KiB section made
+   * the garbage collector run in the middle of a migration's downtime.
+   */
+  /**
+   * `from`: the stream goes on from there (bytes another writer already
+   * wrote to the same sink): offsets and the running CRC-32 continue
+   * from it.
+   */
   constructor(
     private readonly sink: ByteSink,
-    private readonly options: { maxBandwidth?: number } = {},
+    private readonly options: {
+      maxBandwidth?: number;
+      chunkBytes?: number;
+      from?: StreamCheckpoint;
+    } = {},
   ) {
-    this.buf = new Uint8Array(CHUNK);
+    this.written = options.from?.offset ?? 0;
+    this.crc = options.from?.crc ?? 0;
+    this.chunk = options.chunkBytes ?? CHUNK;
+    if (!(Number.isInteger(this.chunk) && this.chunk >= 16)) {
+      throw new RangeError(`chunkBytes must be an integer of at least 16, not ${this.chunk}`);
+    }
+    this.buf = new Uint8Array(this.chunk);
     this.view = new DataView(this.buf.buffer);
   }
 
@@ -247,7 +270,7 @@ export class StreamWriter {
     this.hashPending();
     this.queued.push(this.buf.subarray(0, this.pos));
     this.queuedBytes += this.pos;
-    this.buf = this.spare.pop() ?? this.reclaimed() ?? new Uint8Array(CHUNK);
+    this.buf = this.spare.pop() ?? this.reclaimed() ?? new Uint8Array(this.chunk);
     this.view = new DataView(this.buf.buffer);
     this.pos = 0;
     this.hashed = 0;
@@ -256,7 +279,7 @@ export class StreamWriter {
   /** A whole chunk buffer back from a sink that takes buffers, if it has one. */
   private reclaimed(): Uint8Array | undefined {
     const back = this.sink.reclaim?.();
-    return back && back.byteOffset === 0 && back.buffer.byteLength === CHUNK
+    return back && back.byteOffset === 0 && back.buffer.byteLength === this.chunk
       ? new Uint8Array(back.buffer)
       : undefined;
   }
@@ -288,7 +311,11 @@ export class StreamWriter {
     await this.sink.write(chunk);
     this.queuedBytes -= n;
     this.written += n;
-    if (!this.sink.takesBuffers && chunk.buffer.byteLength === CHUNK && this.spare.length < 2) {
+    if (
+      !this.sink.takesBuffers &&
+      chunk.buffer.byteLength === this.chunk &&
+      this.spare.length < 2
+    ) {
       this.spare.push(new Uint8Array(chunk.buffer));
     }
     await this.throttle();

@@ -58,7 +58,7 @@ test('the migration thread writes the same stream as MigrationStreamWriter, over
     const statsHere = await here.complete(last);
 
     const b = collect();
-    const there = new WorkerStreamWriter({ ...shape, sink: b, ram: layout });
+    const there = new WorkerStreamWriter({ ...shape, sink: b, ram: layout, ramHere: ram });
     try {
       await there.begin();
       await there.sendRam();
@@ -81,7 +81,8 @@ test('a sink error reaches the caller as the sink threw it', async () => {
   const mem = GuestMemory.create(1024 * PAGE_SIZE, { layout: 'flat' });
   try {
     mem.write(0, randomFillSync(new Uint8Array(1024 * PAGE_SIZE)));
-    const layout = nativeRamLayout(guestMemoryRam(mem))!;
+    const ram = guestMemoryRam(mem);
+    const layout = nativeRamLayout(ram)!;
     const failure = Object.assign(new Error('no space left on device'), { code: 'ENOSPC' });
     let writes = 0;
     const sink: ByteSink = {
@@ -94,6 +95,7 @@ test('a sink error reaches the caller as the sink threw it', async () => {
       machineType: 'pc',
       vcpus: 1,
       ram: layout,
+      ramHere: ram,
       devices: [],
       chunkPages: 4,
     });

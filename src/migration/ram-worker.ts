@@ -13,11 +13,13 @@ import { currentTraceConfig, type TraceConfig } from '../trace/control.js';
 import { distUrl } from '../util/dist-path.js';
 import type { NativeRamLayout } from './guest-memory-ram.js';
 import type { ByteSink } from './qemu-file.js';
-import type { RamPageSelection } from './ram.js';
+import type { RamAccessor, RamPageSelection } from './ram.js';
 import {
   type DeviceSection,
   type EncodedDeviceSection,
   encodeDeviceSection,
+  MigrationStreamWriter,
+  type StreamResumePoint,
   type StreamStats,
 } from './stream.js';
 
@@ -39,7 +41,7 @@ export interface WireSelection {
 
 /** A command to the worker; each is answered by one `done` or `error`. */
 export type WorkerCommand =
-  | { op: 'begin'; seq: number }
+  | { op: 'begin'; seq: number; resume: StreamResumePoint }
   | { op: 'sendRam'; seq: number; selection?: WireSelection[] }
   | {
       op: 'complete';
@@ -66,6 +68,11 @@ export interface WorkerStreamWriterOptions {
   readonly machineType: string;
   readonly vcpus: number;
   readonly ram: NativeRamLayout;
+  /**
+   * The same RAM on this thread: the stream's header (block names and
+   * sizes) is written from here, without waiting for the thread.
+   */
+  readonly ramHere: RamAccessor;
   readonly devices: readonly DeviceSection[];
   readonly chunkPages?: number;
 }
@@ -96,6 +103,8 @@ export class WorkerStreamWriter {
   private sinkError: unknown;
   private gone: Error | undefined;
   private readonly exited: Promise<void>;
+  /** The thread's answer to `begin`: it has started and goes on from the header. */
+  private started: Promise<StreamStats> | undefined;
 
   constructor(private readonly opts: WorkerStreamWriterOptions) {
     const data: MigrationWorkerData = {
@@ -126,16 +135,44 @@ export class WorkerStreamWriter {
     return this.last;
   }
 
-  begin(): Promise<void> {
-    return this.command({ op: 'begin', seq: 0 }).then(() => undefined);
+  /**
+   * The header, the configuration and the RAM block list, written from this
+   * thread: they need no guest RAM, so the first bytes go out while the
+   * migration thread is still starting (a new isolate, its modules: tens
+   * of milliseconds); that thread then goes on with the same stream. It
+   * resolves once those bytes are written, not when the thread is ready:
+   * sendRam() waits for that.
+   */
+  async begin(): Promise<void> {
+    const { opts } = this;
+    const head = new MigrationStreamWriter({
+      sink: opts.sink,
+      machineType: opts.machineType,
+      vcpus: opts.vcpus,
+      ram: opts.ramHere,
+      devices: opts.devices,
+    });
+    await head.begin();
+    await head.flush();
+    this.last = head.stats;
+    this.started = this.command({ op: 'begin', seq: 0, resume: head.resumePoint() });
+    // Its failure is reported by the next command, which waits for it.
+    this.started.catch(() => undefined);
   }
 
-  sendRam(selection?: readonly RamPageSelection[]): Promise<void> {
+  async sendRam(selection?: readonly RamPageSelection[]): Promise<void> {
     const wire = toWire(selection);
-    return this.command(
+    const sent = this.command(
       { op: 'sendRam', seq: 0, ...(wire ? { selection: wire } : {}) },
       buffersOf(wire),
-    ).then(() => undefined);
+    );
+    // Both are answered in order; the begin's failure is the one to report.
+    await Promise.all([this.whenStarted(), sent]);
+  }
+
+  private whenStarted(): Promise<unknown> {
+    if (!this.started) return Promise.reject(new Error('sendRam() or complete() before begin()'));
+    return this.started;
   }
 
   /** The completion: the devices' states are encoded here (the VM is stopped), the rest there. */
@@ -143,10 +180,12 @@ export class WorkerStreamWriter {
     const devices: EncodedDeviceSection[] = [];
     for (const d of this.opts.devices) devices.push(await encodeDeviceSection(d));
     const wire = toWire(selection);
-    return this.command({ op: 'complete', seq: 0, devices, ...(wire ? { selection: wire } : {}) }, [
-      ...buffersOf(wire),
-      ...devices.map((d) => d.body.buffer as ArrayBuffer),
-    ]);
+    const done = this.command(
+      { op: 'complete', seq: 0, devices, ...(wire ? { selection: wire } : {}) },
+      [...buffersOf(wire), ...devices.map((d) => d.body.buffer as ArrayBuffer)],
+    );
+    const [, stats] = await Promise.all([this.whenStarted(), done]);
+    return stats;
   }
 
   /** Ends the migration thread and waits until it has exited. */

@@ -8,13 +8,16 @@ import { BufferSink, bufferSource } from './qemu-file.js';
 import { createBufferRam, PAGE_SIZE, type RamBlock } from './ram.js';
 import {
   type DeviceSection,
+  encodeDeviceSection,
   loadVmState,
   MigrationStreamWriter,
   QEMU_VM_FILE_MAGIC,
   saveVmState,
   type VMDesc,
+  warmUpDeviceSection,
 } from './stream.js';
 import { allTypes, type FixtureMachine, fixtureMachine, refusal } from './test-fixtures.js';
+import { vmsField } from './vmstate.js';
 
 const MACHINE = 'pc-i440fx-tsvmm';
 const dir = mkdtempSync(join(tmpdir(), 'tsvmm-stream-'));
@@ -368,6 +371,101 @@ describe('migration stream', () => {
       [],
       'neither the final file nor a temporary one',
     );
+  });
+
+  test("a writer that goes on from another one's header writes the same stream as one writer", async () => {
+    const src = fixtureMachine(true, { ramPages: 64 });
+    const shape = { machineType: MACHINE, vcpus: 2, ram: src.ram, devices: src.devices };
+    const last = [{ block: 'pc.ram', pages: [3, 40] }];
+    const one = new BufferSink();
+    const w = new MigrationStreamWriter({ ...shape, sink: one, chunkPages: 8 });
+    await w.begin();
+    await w.sendRam();
+    const whole = await w.complete(last);
+
+    const two = new BufferSink();
+    const head = new MigrationStreamWriter({ ...shape, sink: two });
+    await head.begin();
+    assert.throws(() => head.resumePoint(), /flush\(\) first/, 'bytes still buffered');
+    await head.flush();
+    const rest = new MigrationStreamWriter({
+      ...shape,
+      sink: two,
+      chunkPages: 8,
+      resume: head.resumePoint(),
+    });
+    await assert.rejects(rest.begin(), /begin\(\) called twice/);
+    await rest.sendRam();
+    assert.deepEqual(await rest.complete(last), whole);
+    assert.ok(two.bytes().equals(one.bytes()), 'byte for byte');
+  });
+
+  test('each pass reaches the sink whole, its last partial chunk too', async () => {
+    const src = fixtureMachine(true, { ramPages: 64 });
+    let written = 0;
+    const w = new MigrationStreamWriter({
+      sink: {
+        write: (b: Uint8Array) => {
+          written += b.length;
+        },
+      },
+      machineType: MACHINE,
+      vcpus: 2,
+      ram: src.ram,
+      devices: src.devices,
+    });
+    await w.begin();
+    await w.sendRam();
+    assert.equal(written, w.stats.bytes, 'nothing of the first pass left in the buffer');
+    await w.sendRam([{ block: 'pc.ram', pages: [7] }]);
+    assert.equal(written, w.stats.bytes);
+  });
+
+  test('a warm-up encode drops its bytes, skips preSave and reports a state it cannot encode', async () => {
+    let preSaves = 0;
+    const device: DeviceSection<{ v: number }> = {
+      idstr: 'warm',
+      instanceId: 0,
+      vmsd: {
+        name: 'warm',
+        version: 1,
+        fields: [
+          vmsField.uint32(
+            'v',
+            (st: { v: number }) => st.v,
+            () => undefined,
+          ),
+        ],
+        preSave: () => {
+          preSaves++;
+        },
+      },
+      state: { v: 7 },
+    };
+    assert.equal(await warmUpDeviceSection(device), true);
+    assert.equal(preSaves, 0);
+    const unset: DeviceSection<{ v: number | undefined }> = {
+      ...device,
+      vmsd: {
+        name: 'warm',
+        version: 1,
+        fields: [
+          vmsField.uint32(
+            'v',
+            (st: { v: number | undefined }) => {
+              if (st.v === undefined) throw new Error('not captured');
+              return st.v;
+            },
+            () => undefined,
+          ),
+        ],
+      },
+      state: { v: undefined },
+    };
+    assert.equal(await warmUpDeviceSection(unset), false);
+    // The real encode still runs the hook.
+    await encodeDeviceSection(device);
+    assert.equal(preSaves, 1);
   });
 
   test('saving the same machine twice gives the same bytes', async () => {

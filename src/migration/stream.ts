@@ -314,11 +314,40 @@ export interface EncodedDeviceSection {
   readonly desc: VMDescState;
 }
 
+/** The chunk size of {@link encodeDeviceSection}'s writer. */
+const DEVICE_CHUNK_BYTES = 16 * 1024;
+
+/**
+ * Encodes `d`'s section once and drops the bytes, before a save stops the
+ * VM: the encode that the stopped VM waits for then runs compiled code.
+ * In a fresh process it ran cold (V8 compiles a function at its first call
+ * and runs it in its interpreter): about 1 ms for the chip, UART and clock
+ * sections on a PVM host. The preSave hook is skipped (it may read the
+ * hardware: kvmclock's reads the clock). False when the state cannot be
+ * encoded before its capture (a vCPU's: see MigratableDevice.prepareSave).
+ */
+export async function warmUpDeviceSection(d: DeviceSection): Promise<boolean> {
+  try {
+    await encodeDeviceSection(d, { preSave: false });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** Encodes a device's state as {@link MigrationStreamWriter.complete} would write it. */
-export async function encodeDeviceSection(d: DeviceSection): Promise<EncodedDeviceSection> {
+export async function encodeDeviceSection(
+  d: DeviceSection,
+  options: { preSave?: boolean } = {},
+): Promise<EncodedDeviceSection> {
   const parts: Uint8Array[] = [];
-  const w = new StreamWriter({ write: (b) => void parts.push(b.slice()) });
-  const desc = saveVMState(w, d.vmsd, d.state);
+  // A section is a few kilobytes (a vCPU's, with its XSAVE area, about
+  // 7 KiB): small chunks, not the stream's 1 MiB ones (see StreamWriter).
+  const w = new StreamWriter(
+    { write: (b) => void parts.push(b.slice()) },
+    { chunkBytes: DEVICE_CHUNK_BYTES },
+  );
+  const desc = saveVMState(w, d.vmsd, d.state, options);
   await w.flush();
   const body = new Uint8Array(Buffer.concat(parts));
   return { idstr: d.idstr, instanceId: d.instanceId, version: d.vmsd.version, body, desc };
@@ -330,6 +359,17 @@ export async function encodeDeviceSection(d: DeviceSection): Promise<EncodedDevi
  */
 export function deviceStub(idstr: string, instanceId: number, version: number): DeviceSection {
   return { idstr, instanceId, vmsd: { name: idstr, version, fields: [] }, state: {} };
+}
+
+/**
+ * Where a writer's stream stands once it has been flushed: what a writer
+ * on another thread needs to go on with the same stream.
+ */
+export interface StreamResumePoint {
+  readonly offset: number;
+  readonly crc: number;
+  /** Sections written so far (the stream-end record counts them). */
+  readonly sections: number;
 }
 
 /** Options of {@link MigrationStreamWriter}. */
@@ -346,6 +386,12 @@ export interface StreamWriterOptions extends MachineShape {
    * capability, as QEMU's does.
    */
   readonly mappedRam?: boolean;
+  /**
+   * Go on from where another writer's begin() left the stream on the same
+   * sink ({@link MigrationStreamWriter.resumePoint}): no begin() here.
+   * Not with mappedRam.
+   */
+  readonly resume?: StreamResumePoint;
 }
 
 /**
@@ -380,7 +426,17 @@ export class MigrationStreamWriter {
 
   constructor(private readonly opts: StreamWriterOptions) {
     validateShape(opts);
-    this.w = new StreamWriter(opts.sink, { maxBandwidth: opts.maxBandwidth });
+    if (opts.resume && opts.mappedRam) {
+      throw new RangeError('a mapped-ram stream is written by one writer: no resume');
+    }
+    this.w = new StreamWriter(opts.sink, {
+      maxBandwidth: opts.maxBandwidth,
+      ...(opts.resume ? { from: { offset: opts.resume.offset, crc: opts.resume.crc } } : {}),
+    });
+    if (opts.resume) {
+      this.sections = opts.resume.sections;
+      this.phase = 'ram';
+    }
     this.pages = new RamPageWriter(this.w, this.counters);
     this.chunkPages = opts.chunkPages ?? 1024;
     if (!(Number.isInteger(this.chunkPages) && this.chunkPages > 0)) {
@@ -398,6 +454,23 @@ export class MigrationStreamWriter {
   /** Bytes the sink has accepted so far. */
   get transferred(): number {
     return this.w.transferred;
+  }
+
+  /** Writes everything put so far to the sink (QEMU's qemu_fflush). */
+  flush(): Promise<void> {
+    return this.w.flush();
+  }
+
+  /**
+   * Where the stream stands, for a writer that goes on with it ({@link
+   * StreamWriterOptions.resume}); only after flush(), with nothing buffered.
+   */
+  resumePoint(): StreamResumePoint {
+    const cp = this.w.checkpoint();
+    if (cp.offset !== this.w.transferred) {
+      throw new Error('resumePoint() needs everything written: flush() first');
+    }
+    return { offset: cp.offset, crc: cp.crc, sections: this.sections };
   }
 
   /** Header, configuration, the machine record and the RAM block list. */
@@ -463,6 +536,17 @@ export class MigrationStreamWriter {
   async sendRam(selection?: readonly RamPageSelection[]): Promise<void> {
     if (this.phase !== 'ram') throw new Error('sendRam() needs begin() first and no complete()');
     if (this.opts.mappedRam) return this.sendMappedRam(selection);
+    await this.sendPages(selection);
+    // A pass ends when the sink has taken all of it, its last partial
+    // chunk too, as QEMU flushes at the end of each iteration: a live
+    // migration times its passes, and the channel can make them durable
+    // before the stop (OutgoingChannel.flush), so the stopped VM does not
+    // wait for the end of the last pass to be written.
+    await this.w.flush();
+  }
+
+  /** The pages of sendRam(), left in the writer's buffer at the end. */
+  private async sendPages(selection?: readonly RamPageSelection[]): Promise<void> {
     let open = false;
     let inSection = 0;
     // Never reuse what pagemap said in an earlier pass.
@@ -512,8 +596,6 @@ export class MigrationStreamWriter {
       saveRamEos(this.w);
       await this.endSection(this.ramId);
     }
-    // A pass ends when the sink has taken it (live migration times passes).
-    await this.w.settleAll();
   }
 
   /**
@@ -558,8 +640,12 @@ export class MigrationStreamWriter {
     selection?: readonly RamPageSelection[],
     encoded?: readonly EncodedDeviceSection[],
   ): Promise<StreamStats> {
-    if (selection) await this.sendRam(selection);
     if (this.phase !== 'ram') throw new Error('complete() needs begin() first, once');
+    // The last pages go out with the rest, in one write where they fit.
+    if (selection) {
+      if (this.opts.mappedRam) await this.sendMappedRam(selection);
+      else await this.sendPages(selection);
+    }
     if (this.opts.mappedRam && !this.mappedSent) await this.sendMappedRam();
     const { w, opts } = this;
     this.header(QEMU_VM_SECTION_END, this.ramId);

@@ -252,8 +252,9 @@ export function saveVMState<S>(
   w: StreamWriter,
   desc: VMStateDescription<S>,
   state: S,
+  options: { preSave?: boolean } = {},
 ): VMDescState {
-  desc.preSave?.(state);
+  if (options.preSave !== false) desc.preSave?.(state);
   const json: VMDescState = { vmsd_name: desc.name, version: desc.version, fields: [] };
   for (const f of desc.fields) {
     const what = `vmstate '${desc.name}' field '${f.name}'`;
@@ -295,7 +296,7 @@ export function saveVMState<S>(
     w.str8(sub.name);
     w.u32(sub.version);
     json.subsections ??= [];
-    json.subsections.push(saveVMState(w, sub, state));
+    json.subsections.push(saveVMState(w, sub, state, options));
   }
   return json;
 }

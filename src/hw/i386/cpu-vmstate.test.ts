@@ -6,7 +6,7 @@ import { KVM_FPU } from '../../accel/kvm/structs/fpu.js';
 import { KVM_DEBUGREGS, KVM_REGS, KVM_SREGS } from '../../accel/kvm/structs/regs.js';
 import { KVM_VCPU_EVENTS } from '../../accel/kvm/structs/vcpu-state.js';
 import { roundTripThroughFile } from '../../migration/test-roundtrip.js';
-import { CPU_VMSTATE, cpuMigrationState, cpuSection } from './cpu-vmstate.js';
+import { CPU_VMSTATE, cpuMigrationState, cpuSection, warmUpCpuSection } from './cpu-vmstate.js';
 
 function randomState(opts: { fpu?: boolean; missingMsrs?: number[] } = {}): CpuSavedState {
   const state: CpuSavedState = {
@@ -67,4 +67,8 @@ test('cpu vmstate: a save before the state was captured names the vCPU', async (
     /vCPU 0: its state was not read/,
   );
   assert.equal(CPU_VMSTATE.name, 'cpu');
+});
+
+test('the warm-up before a save encodes a stand-in vCPU and needs no captured state', async () => {
+  await warmUpCpuSection();
 });

@@ -25,7 +25,7 @@ import {
 import type { StructCodec } from '../../accel/kvm/structs/layout.js';
 import { KVM_DEBUGREGS, KVM_REGS, KVM_SREGS, type KvmRegs } from '../../accel/kvm/structs/regs.js';
 import { KVM_LAPIC_STATE_SIZE, KVM_VCPU_EVENTS } from '../../accel/kvm/structs/vcpu-state.js';
-import type { DeviceSection } from '../../migration/stream.js';
+import { type DeviceSection, encodeDeviceSection } from '../../migration/stream.js';
 import { type VMStateDescription, type VMStateField, vmsField } from '../../migration/vmstate.js';
 import { TsvmmError } from '../../util/errors.js';
 
@@ -282,6 +282,25 @@ export const CPU_VMSTATE: VMStateDescription<CpuMigrationState> = {
     }
   },
 };
+
+/**
+ * Runs the section's encoder on an all-zero stand-in state, twice, before
+ * a save stops the VM. The real encode runs with the VM stopped and was
+ * the slowest step of the downtime in a fresh process: V8 compiles each
+ * field's function on its first call and runs it in its interpreter,
+ * about 2 ms for one vCPU's section on a PVM host, against 0.04 ms once
+ * warm; the second run here was still a third of the first (measured).
+ * It touches no vCPU and no device state.
+ */
+export async function warmUpCpuSection(): Promise<void> {
+  const state = cpuMigrationState(0);
+  state.saved = {
+    ...emptyState(),
+    xsave: { region: new Uint8Array(KVM_XSAVE_SIZE) },
+    xcrs: { flags: 0, xcrs: [{ xcr: 0, value: 1n }] },
+  };
+  for (let i = 0; i < 2; i++) await encodeDeviceSection(cpuSection(state));
+}
 
 /** The device section of vCPU `state.index`. */
 export function cpuSection(state: CpuMigrationState): DeviceSection<CpuMigrationState> {

@@ -8,7 +8,7 @@ import type { CpuSavedState } from '../../accel/kvm/cpu-state.js';
 import type { MigratableDevice } from '../../migration/machine-migration.js';
 import type { CpuController } from '../../system/cpus.js';
 import { serialMigrationState, serialSection } from '../char/serial-vmstate.js';
-import { cpuMigrationState, cpuSection } from './cpu-vmstate.js';
+import { cpuMigrationState, cpuSection, warmUpCpuSection } from './cpu-vmstate.js';
 import {
   captureIrqchipState,
   type IrqchipVm,
@@ -63,6 +63,8 @@ export function x86MigrationDevices(parts: X86MigrationParts): MigratableDevice[
         const saved = (await parts.cpus.runOnCpu(cpu, GET_CPU_STATE_OP)) as CpuSavedState;
         state.saved = withTscAt(saved, parts.tscAtStop?.[cpu]);
       },
+      // The encoder is the same for every vCPU: the first one warms it.
+      ...(cpu === 0 ? { prepareSave: warmUpCpuSection } : {}),
       restore: async () => {
         if (parts.restoredTsc) {
           parts.restoredTsc[cpu] = state.saved?.msrs.find((m) => m.index === MSR_IA32_TSC)?.data;
