@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { type FileHandle, lstat, open, rename, unlink } from 'node:fs/promises';
+import { closeSync, fsync, openSync, renameSync } from 'node:fs';
+import { type FileHandle, lstat, open, unlink } from 'node:fs/promises';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { basename, dirname, join } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
@@ -201,12 +202,19 @@ export class FileHandleSink implements ByteSink {
   }
 }
 
+/**
+ * fsync of a directory. Its open and close are synchronous: each call of
+ * fs/promises is a round trip through libuv's thread pool, and this runs
+ * while the migrated VM is stopped.
+ */
 async function fsyncDir(dir: string): Promise<void> {
-  const d = await open(dir, 'r');
+  const fd = openSync(dir, 'r');
   try {
-    await d.sync();
+    await new Promise<void>((resolve, reject) =>
+      fsync(fd, (err) => (err ? reject(err) : resolve())),
+    );
   } finally {
-    await d.close();
+    closeSync(fd);
   }
 }
 
@@ -247,12 +255,15 @@ async function openFileOutgoing(u: MigrationUri & { kind: 'file' }): Promise<Out
     async close() {
       try {
         // Data on disk, then the name: a crash leaves either no file at
-        // the final path or the complete one, never a partial one.
+        // the final path or the complete one, never a partial one. This
+        // runs while the VM is stopped: the rename (metadata, microseconds)
+        // is synchronous, and the file's close overlaps the directory's
+        // fsync, so two trips through libuv's thread pool are waited for
+        // instead of six.
         await fh.sync();
+        renameSync(tmp, u.path);
         closed = true;
-        await fh.close();
-        await rename(tmp, u.path);
-        await fsyncDir(dirname(u.path));
+        await Promise.all([fh.close(), fsyncDir(dirname(u.path))]);
       } catch (err) {
         await abort();
         throw writeError(err, u.path);

@@ -3,8 +3,10 @@
  * ({@link MigrationStreamWriter}) for a migration whose RAM another thread
  * can view (guestMemoryRam over mapped guest memory). It reads, checks and
  * encodes RAM here, off the main thread, and hands each full chunk of the
- * stream to the main thread, which writes it to the channel and answers;
- * the device sections come from the main thread, encoded, at completion.
+ * stream to the main thread, which writes it to the channel and answers.
+ * The main thread writes the header before this thread is ready, and the
+ * completion, from where the last pass left the stream (each pass ends
+ * flushed, and its answer says where: StreamResumePoint).
  * Its only inputs are plain data: see {@link MigrationWorkerData} and
  * {@link ToWorker}; {@link WorkerStreamWriter} is the main thread's side.
  */
@@ -12,7 +14,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { installTraceConfig } from '../trace/control.js';
 import { nativeGuestRam } from './guest-memory-ram.js';
 import type { ByteSink } from './qemu-file.js';
-import type { RamAccessor, RamPageSelection } from './ram.js';
+import type { RamPageSelection } from './ram.js';
 import type {
   MigrationWorkerData,
   ToMain,
@@ -20,12 +22,7 @@ import type {
   WireSelection,
   WorkerCommand,
 } from './ram-worker.js';
-import {
-  deviceStub,
-  MigrationStreamWriter,
-  type StreamResumePoint,
-  type StreamStats,
-} from './stream.js';
+import { deviceStub, MigrationStreamWriter, type StreamStats } from './stream.js';
 
 const port = parentPort;
 if (!port) throw new Error('migration-worker.js runs only as a worker thread');
@@ -66,64 +63,29 @@ const sink: ByteSink = {
   reclaim: () => returned.pop(),
 };
 
-const stubs = data.devices.map((d) => deviceStub(d.idstr, d.instanceId, d.version));
-
-/**
- * Runs the completion's code once into a sink that drops the bytes (the
- * RAM END section, the device sections appended, the stream-end record,
- * the vmdesc JSON), when the thread starts, while the guest runs. The
- * real completion runs with the VM stopped, and cold (V8 compiles a
- * function at its first call and runs it in its interpreter) it took
- * 1.5-2.5 ms of the downtime on a PVM host.
- */
-async function warmUpCompletion(ram: RamAccessor, resume: StreamResumePoint): Promise<void> {
-  const dry = new MigrationStreamWriter({
-    sink: { write: () => undefined },
-    machineType: data.machineType,
-    vcpus: data.vcpus,
-    ram,
-    devices: stubs,
-    resume,
-  });
-  await dry.complete(
-    undefined,
-    stubs.map((d) => ({
-      idstr: d.idstr,
-      instanceId: d.instanceId,
-      version: d.vmsd.version,
-      body: new Uint8Array(0),
-      desc: { vmsd_name: d.idstr, version: d.vmsd.version, fields: [] },
-    })),
-  );
-}
-
 function selection(sel: readonly WireSelection[] | undefined): RamPageSelection[] | undefined {
   return sel?.map((s) => ({ block: s.block, pages: s.pages }));
 }
 
-async function run(m: WorkerCommand): Promise<StreamStats> {
+async function run(m: WorkerCommand): Promise<MigrationStreamWriter> {
   if (m.op === 'begin') {
     // The main thread wrote the header; this writer goes on from there.
     // Set before any await: the commands that follow are already queued.
-    const ram = nativeGuestRam(data.ram);
     writer = new MigrationStreamWriter({
       sink,
       machineType: data.machineType,
       vcpus: data.vcpus,
-      ram,
-      devices: stubs,
+      ram: nativeGuestRam(data.ram),
+      // Stand-ins: their count sets the stream's section ids.
+      devices: data.devices.map((d) => deviceStub(d.idstr, d.instanceId, d.version)),
       resume: m.resume,
       ...(data.chunkPages !== undefined ? { chunkPages: data.chunkPages } : {}),
     });
-    await warmUpCompletion(ram, m.resume);
-    return writer.stats;
+    return writer;
   }
   if (!writer) throw new Error(`${m.op} before begin`);
-  if (m.op === 'sendRam') {
-    await writer.sendRam(selection(m.selection));
-    return writer.stats;
-  }
-  return writer.complete(selection(m.selection), m.devices);
+  await writer.sendRam(selection(m.selection));
+  return writer;
 }
 
 port.on('message', (m: ToWorker) => {
@@ -138,7 +100,7 @@ port.on('message', (m: ToWorker) => {
     return;
   }
   run(m).then(
-    (s) => post({ type: 'done', seq: m.seq, stats: s }),
+    (w) => post({ type: 'done', seq: m.seq, stats: w.stats, resume: w.resumePoint() }),
     (err: unknown) =>
       post({
         type: 'error',

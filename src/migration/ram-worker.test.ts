@@ -8,7 +8,7 @@ import { guestMemoryRam, nativeRamLayout } from './guest-memory-ram.js';
 import type { ByteSink } from './qemu-file.js';
 import { PAGE_SIZE, type RamPageSelection } from './ram.js';
 import { WorkerStreamWriter } from './ram-worker.js';
-import { MigrationStreamWriter } from './stream.js';
+import { MigrationStreamWriter, type StreamStats } from './stream.js';
 import { fixtureMachine } from './test-fixtures.js';
 
 const GiB = 2 ** 30;
@@ -47,31 +47,43 @@ test('the migration thread writes the same stream as MigrationStreamWriter, over
         pages: [0, 7, 8, 9, lowPages - 1, lowPages, lowPages + 3, lowPages + 300],
       },
     ];
-    const last: RamPageSelection[] = [{ block: 'pc.ram', pages: new Set([1, lowPages + 3]) }];
+    // A few pages left at the stop are sent with the completion from the
+    // main thread; many go through the worker first: the same stream.
+    const few: RamPageSelection[] = [{ block: 'pc.ram', pages: new Set([1, lowPages + 3]) }];
+    const many: RamPageSelection[] = [
+      { block: 'pc.ram', pages: Array.from({ length: 600 }, (_, i) => lowPages - 300 + i) },
+    ];
     const shape = { machineType: 'pc', vcpus: 2, devices, chunkPages: 100 };
 
-    const a = collect();
-    const here = new MigrationStreamWriter({ ...shape, sink: a, ram });
-    await here.begin();
-    await here.sendRam();
-    await here.sendRam(dirty);
-    const statsHere = await here.complete(last);
+    for (const last of [few, many]) {
+      const a = collect();
+      const here = new MigrationStreamWriter({ ...shape, sink: a, ram });
+      await here.begin();
+      await here.sendRam();
+      await here.sendRam(dirty);
+      const statsHere = await here.complete(last);
 
-    const b = collect();
-    const there = new WorkerStreamWriter({ ...shape, sink: b, ram: layout, ramHere: ram });
-    try {
-      await there.begin();
-      await there.sendRam();
-      assert.ok(threads() > before, 'the worker runs');
-      await there.sendRam(dirty);
-      const statsThere = await there.complete(last);
-      assert.deepEqual(statsThere, statsHere);
-      assert.deepEqual(there.stats, statsHere);
-    } finally {
-      await there.close();
+      const b = collect();
+      const there: WorkerStreamWriter = new WorkerStreamWriter({
+        ...shape,
+        sink: b,
+        ram: layout,
+        ramHere: ram,
+      });
+      try {
+        await there.begin();
+        await there.sendRam();
+        assert.ok(threads() > before, 'the worker runs');
+        await there.sendRam(dirty);
+        const statsThere: StreamStats = await there.complete(last);
+        assert.deepEqual(statsThere, statsHere);
+        assert.deepEqual(there.stats, statsHere);
+      } finally {
+        await there.close();
+      }
+      assert.equal(threads(), before, 'the worker has ended');
+      assert.ok(a.bytes().equals(b.bytes()), `the same ${a.bytes().length} bytes`);
     }
-    assert.equal(threads(), before, 'the worker has ended');
-    assert.ok(a.bytes().equals(b.bytes()), `the same ${a.bytes().length} bytes`);
   } finally {
     mem.close();
   }

@@ -335,6 +335,25 @@ export async function warmUpDeviceSection(d: DeviceSection): Promise<boolean> {
   }
 }
 
+/**
+ * Runs a completion (the RAM END section, device sections, the stream-end
+ * record, EOF and the vmdesc JSON) once into a sink that drops the bytes,
+ * with stand-ins for the devices (their own encoders are warmed by
+ * {@link warmUpDeviceSection}), before a save stops the VM: cold, that
+ * code took 1.5-2.5 ms of the downtime on a PVM host.
+ */
+export async function warmUpCompletion(shape: MachineShape): Promise<void> {
+  const dry = new MigrationStreamWriter({
+    sink: { write: () => undefined },
+    machineType: shape.machineType,
+    vcpus: shape.vcpus,
+    ram: shape.ram,
+    devices: shape.devices.map((d) => deviceStub(d.idstr, d.instanceId, d.vmsd.version)),
+    resume: { offset: 0, crc: 0, sections: 0, normalPages: 0, zeroPages: 0 },
+  });
+  await dry.complete();
+}
+
 /** Encodes a device's state as {@link MigrationStreamWriter.complete} would write it. */
 export async function encodeDeviceSection(
   d: DeviceSection,
@@ -370,6 +389,9 @@ export interface StreamResumePoint {
   readonly crc: number;
   /** Sections written so far (the stream-end record counts them). */
   readonly sections: number;
+  /** Pages sent so far (query-migrate's counters go on from them). */
+  readonly normalPages: number;
+  readonly zeroPages: number;
 }
 
 /** Options of {@link MigrationStreamWriter}. */
@@ -409,7 +431,7 @@ export interface StreamWriterOptions extends MachineShape {
 export class MigrationStreamWriter {
   private readonly w: StreamWriter;
   private readonly pages: RamPageWriter;
-  private readonly counters: RamCounters = { normalPages: 0, zeroPages: 0 };
+  private readonly counters: RamCounters;
   private readonly chunkPages: number;
   private readonly ramId = 1;
   private readonly integrityId: number;
@@ -433,6 +455,10 @@ export class MigrationStreamWriter {
       maxBandwidth: opts.maxBandwidth,
       ...(opts.resume ? { from: { offset: opts.resume.offset, crc: opts.resume.crc } } : {}),
     });
+    this.counters = {
+      normalPages: opts.resume?.normalPages ?? 0,
+      zeroPages: opts.resume?.zeroPages ?? 0,
+    };
     if (opts.resume) {
       this.sections = opts.resume.sections;
       this.phase = 'ram';
@@ -470,7 +496,7 @@ export class MigrationStreamWriter {
     if (cp.offset !== this.w.transferred) {
       throw new Error('resumePoint() needs everything written: flush() first');
     }
-    return { offset: cp.offset, crc: cp.crc, sections: this.sections };
+    return { offset: cp.offset, crc: cp.crc, sections: this.sections, ...this.counters };
   }
 
   /** Header, configuration, the machine record and the RAM block list. */
