@@ -33,8 +33,14 @@
 //
 // Usage: npm run bench -- migrate [--runs N] [--sizes 512M,2G] [--dd-mb N]
 //                                 [--downtime-limit MS] [--dirty-rate MB_S]
-//                                 [--only mapped-ram]
+//                                 [--only mapped-ram|save] [--baseline MAIN_JS]
 // `--only mapped-ram` runs the mapped-ram restore rows alone (with KVM).
+// `--only save` runs only saves of the idle probe OS (no restore, no
+// dirtying: minutes on a PVM host), `--runs` rounds alternating tsvmm and
+// QEMU, and reports the setup (migrate to the first byte) and the downtime
+// (STOP to completed) of each; with `--baseline PATH`, another tsvmm build
+// (its dist/cli/main.js, such as a checkout of main) takes part in every
+// round too, for a before/after in the same run.
 import { rmSync, statSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
@@ -96,11 +102,15 @@ await runBench(NAME, async () => {
       'downtime-limit': { type: 'string', default: '300' },
       'dirty-rate': { type: 'string', default: '64' },
       only: { type: 'string' },
+      baseline: { type: 'string' },
     },
     strict: true,
   });
-  if (values.only !== undefined && values.only !== 'mapped-ram') {
-    throw new BenchError(`--only ${values.only}: the only part that runs alone is mapped-ram`);
+  if (values.only !== undefined && values.only !== 'mapped-ram' && values.only !== 'save') {
+    throw new BenchError(`--only ${values.only}: the parts that run alone are mapped-ram and save`);
+  }
+  if (values.baseline !== undefined && values.only !== 'save') {
+    throw new BenchError('--baseline goes with --only save');
   }
   const runs = positiveInt(values.runs, '--runs');
   const sizes = values.sizes.split(',').map(parseSize);
@@ -109,6 +119,11 @@ await runBench(NAME, async () => {
   const dirtyRate = positiveInt(values['dirty-rate'], '--dirty-rate');
 
   const host = probeKvmHost();
+  if (values.only === 'save') {
+    if (!host.usable) throw new BenchError(`--only save needs KVM: ${host.reason}`);
+    await saveRounds({ runs, sizes, baseline: values.baseline });
+    return;
+  }
   if (host.usable && values.only === 'mapped-ram') {
     const dir = makeTempDir('tsvmm-bench-migrate-');
     try {
@@ -212,6 +227,69 @@ function vmmCommand(vmm, qemu, size, dirty, accel, extra) {
       '-no-reboot',
     ],
   };
+}
+
+/**
+ * `--only save`: idle saves only, every VMM once per round, in turn; the
+ * setup and the downtime of each, their range and median per VMM.
+ */
+async function saveRounds({ runs, sizes, baseline }) {
+  const qemu = ensureQemu(NAME);
+  const version = qemuVersion(qemu);
+  const dir = makeTempDir('tsvmm-bench-migrate-');
+  const vmms = [
+    ...(baseline ? [{ key: 'baseline', label: `tsvmm (${baseline})`, main: baseline }] : []),
+    { key: 'tsvmm', label: 'tsvmm', main: TSVMM },
+    { key: 'qemu', label: version, main: undefined },
+  ];
+  try {
+    const result = ['mode=save-only', 'kvm=1'];
+    for (const size of sizes) {
+      const samples = new Map(vmms.map((v) => [v.key, []]));
+      for (let i = 0; i < runs; i++) {
+        log(`${sizeName(size)} idle, saves only: round ${i + 1}/${runs}`);
+        for (const v of vmms) {
+          let cmd = vmmCommand(v.key === 'qemu' ? 'qemu' : 'tsvmm', qemu, size, false, 'kvm', '');
+          if (v.main) cmd = { ...cmd, args: [v.main, ...cmd.args.slice(1)] };
+          samples.get(v.key).push(await saveOnce(cmd, v.key, dir));
+        }
+      }
+      const rows = [['', 'first byte, ms', '(median)', 'STOP → completed, ms', '(median)']];
+      const range = (list) => `${Math.min(...list).toFixed(1)}-${Math.max(...list).toFixed(1)}`;
+      for (const v of vmms) {
+        const list = samples.get(v.key);
+        const fb = list.map((r) => r.firstByteMs);
+        const dt = list.map((r) => r.stopToCompletedMs);
+        rows.push([v.label, range(fb), median(fb).toFixed(1), range(dt), median(dt).toFixed(2)]);
+        const k = `${sizeName(size).toLowerCase()}_${v.key}`;
+        result.push(`${k}_first_byte_ms=${median(fb).toFixed(1)}`);
+        result.push(`${k}_stop_to_completed_ms=${median(dt).toFixed(2)}`);
+      }
+      console.log(
+        `${sizeName(size)} idle, ${runs} saves each (file: for tsvmm, exec:cat for QEMU):`,
+      );
+      console.log(table(rows, (i) => i > 0));
+    }
+    console.log(`RESULT ${result.join(' ')}`);
+  } finally {
+    removeTempDir(dir);
+  }
+}
+
+/** One save of the idle probe OS: the first byte and the downtime. */
+async function saveOnce(cmd, name, dir) {
+  const path = join(dir, `${name}.state`);
+  const uri = name === 'qemu' ? `exec:cat > '${path}'` : `file:${path}`;
+  const src = await bootProbe(cmd, dir, `${name}-src`, false);
+  try {
+    const base = basename(path);
+    const match = (n) => n === base || (n.startsWith(`.${base}.`) && n.endsWith('.tsvmm-tmp'));
+    const save = await timedMigrate(src, uri, MIGRATE_TIMEOUT_MS, { firstByte: { dir, match } });
+    return { firstByteMs: save.firstByteMs, stopToCompletedMs: save.stopToCompletedMs };
+  } finally {
+    await src.quit();
+    rmSync(path, { force: true });
+  }
 }
 
 /** Boots the probe OS, waits for it to be ready (and its dirty pass). */

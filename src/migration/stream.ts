@@ -301,11 +301,7 @@ export function encodeVmdesc(json: VMDesc): Buffer {
 
 // ------------------------------------------------------------------ saving
 
-/**
- * A device's section body (its saveVMState bytes) and vmdesc entry,
- * encoded on the thread that owns the device, for a writer on another
- * thread ({@link MigrationStreamWriter.complete}): plain data.
- */
+/** A device's section body (its saveVMState bytes) and vmdesc entry, as {@link encodeDeviceSection} gives them. */
 export interface EncodedDeviceSection {
   readonly idstr: string;
   readonly instanceId: number;
@@ -373,8 +369,9 @@ export async function encodeDeviceSection(
 }
 
 /**
- * The stand-in of a device for a writer on another thread, which gets the
- * device's bytes from {@link encodeDeviceSection} at completion.
+ * The stand-in of a device for a writer that writes no device section: the
+ * migration thread's (their count sets the stream's section ids; the main
+ * thread writes the completion) or a warm-up's.
  */
 export function deviceStub(idstr: string, instanceId: number, version: number): DeviceSection {
   return { idstr, instanceId, vmsd: { name: idstr, version, fields: [] }, state: {} };
@@ -662,10 +659,7 @@ export class MigrationStreamWriter {
    * the RAM END section, every device's state, the stream-end record, EOF
    * and the vmdesc JSON; then everything is flushed to the sink.
    */
-  async complete(
-    selection?: readonly RamPageSelection[],
-    encoded?: readonly EncodedDeviceSection[],
-  ): Promise<StreamStats> {
+  async complete(selection?: readonly RamPageSelection[]): Promise<StreamStats> {
     if (this.phase !== 'ram') throw new Error('complete() needs begin() first, once');
     // The last pages go out with the rest, in one write where they fit.
     if (selection) {
@@ -679,24 +673,9 @@ export class MigrationStreamWriter {
     await this.endSection(this.ramId);
 
     let id = 2;
-    if (encoded) {
-      if (encoded.length !== opts.devices.length) {
-        throw new RangeError(
-          `complete(): ${encoded.length} encoded device sections for ${opts.devices.length} devices`,
-        );
-      }
-      for (const e of encoded) {
-        const sid = id++;
-        this.header(QEMU_VM_SECTION_FULL, sid, e.idstr, e.instanceId, e.version);
-        w.bytes(e.body);
-        await this.endSection(sid);
-        this.descs.push({ name: e.idstr, instance_id: e.instanceId, ...e.desc });
-      }
-    } else {
-      for (const d of opts.devices) {
-        const desc = await this.fullSection(id++, d.idstr, d.instanceId, d.vmsd, d.state);
-        this.descs.push({ name: d.idstr, instance_id: d.instanceId, ...desc });
-      }
+    for (const d of opts.devices) {
+      const desc = await this.fullSection(id++, d.idstr, d.instanceId, d.vmsd, d.state);
+      this.descs.push({ name: d.idstr, instance_id: d.instanceId, ...desc });
     }
 
     const json: VMDesc = {
