@@ -485,14 +485,36 @@ export class MigrationStreamWriter {
           // One memcmp finds an all-zero run (an idle guest) at once.
           allZero = isZeroRun(data);
         }
-        for (let k = i; k < j; k++) {
+        // Zero pages, known without a read or found by one memcmp: their
+        // records go out a section's share at a time.
+        for (let k = i; allZero && k < j; ) {
+          if (!open) {
+            this.header(QEMU_VM_SECTION_PART, this.ramId);
+            this.pages.newSection();
+            open = true;
+          }
+          const n = Math.min(j - k, this.chunkPages - inSection);
+          this.pages.zeroRun(block, (first + k) * PAGE_SIZE, n);
+          k += n;
+          inSection += n;
+          if (inSection >= this.chunkPages) {
+            saveRamEos(this.w);
+            await this.endSection(this.ramId);
+            open = false;
+            inSection = 0;
+          } else {
+            const p = this.w.flushIfNeeded();
+            if (p) await p;
+          }
+        }
+        for (let k = allZero ? j : i; k < j; k++) {
           if (!open) {
             this.header(QEMU_VM_SECTION_PART, this.ramId);
             this.pages.newSection();
             open = true;
           }
           const off = (k - i) * PAGE_SIZE;
-          const zero = allZero || isZeroPageAt(data, off);
+          const zero = isZeroPageAt(data, off);
           this.pages.pageAt(block, (first + k) * PAGE_SIZE, data, off, zero);
           if (++inSection >= this.chunkPages) {
             saveRamEos(this.w);
