@@ -528,21 +528,29 @@ export class RamCommitter {
         // view and one memcmp for the stretch, then page by page only
         // where it is not all zero.
         let check = -1;
-        for (let index = first; index <= end; index++) {
-          const known =
-            index < end &&
-            !(bits[index >> 3]! & (1 << (index & 7))) &&
-            (this.ramIsZeroed || this.knownUnpopulated(block, index));
-          if (index < end && !known) {
-            if (check < 0) check = index;
-            if (index - check + 1 < ZERO_RUN_PAGES) continue;
-            this.zeroIfNeeded(block, check, index + 1);
-            check = -1;
-          } else if (check >= 0) {
-            this.zeroIfNeeded(block, check, index);
-            check = -1;
+        let index = first;
+        while (index < end) {
+          const w = this.ramIsZeroed ? undefined : this.window(block, index);
+          const stop = w ? Math.min(end, w.first + w.map.length) : end;
+          const map = w?.map;
+          const base = w?.first ?? 0;
+          for (; index < stop; index++) {
+            const known =
+              !(bits[index >> 3]! & (1 << (index & 7))) &&
+              (this.ramIsZeroed || (map !== undefined && map[index - base] === 1));
+            if (!known) {
+              if (check < 0) check = index;
+              else if (index - check >= ZERO_RUN_PAGES) {
+                this.zeroIfNeeded(block, check, index);
+                check = index;
+              }
+            } else if (check >= 0) {
+              this.zeroIfNeeded(block, check, index);
+              check = -1;
+            }
           }
         }
+        if (check >= 0) this.zeroIfNeeded(block, check, end);
       },
     );
   }
@@ -558,32 +566,28 @@ export class RamCommitter {
   }
 
   /**
-   * Whether page `index` of `block` is unpopulated now, from the block's
-   * answer for the window that holds it. An answer taken earlier in this
-   * load still holds for the pages this load has not written (nothing else
-   * writes guest RAM during a load; the caller checks the written bits
-   * first); the answer for a window taken after some of its pages were
-   * written says they are populated, which only costs a compare.
+   * The block's answer to unpopulatedPages for the window of pages that
+   * holds `index` (1 where the page is unpopulated now), or undefined when
+   * the block cannot tell. An answer taken earlier in this load still holds
+   * for the pages this load has not written (nothing else writes guest RAM
+   * during a load; the caller checks the written bits first); the answer
+   * for a window taken after some of its pages were written says they are
+   * populated, which only costs a compare.
    */
-  private knownUnpopulated(block: RamBlock, index: number): boolean {
-    let w = this.unpopulated.get(block);
-    if (w === null) return false;
-    if (w === undefined || index < w.first || index >= w.first + w.map.length) {
-      if (!block.unpopulatedPages) {
-        this.unpopulated.set(block, null);
-        return false;
-      }
-      const first = index - (index % UNPOPULATED_WINDOW_PAGES);
-      const count = Math.min(UNPOPULATED_WINDOW_PAGES, block.size / PAGE_SIZE - first);
-      const map = block.unpopulatedPages(first, count);
-      if (!map || map.length !== count) {
-        this.unpopulated.set(block, null);
-        return false;
-      }
-      w = { first, map };
-      this.unpopulated.set(block, w);
+  private window(block: RamBlock, index: number): { first: number; map: Uint8Array } | undefined {
+    const w = this.unpopulated.get(block);
+    if (w === null) return undefined;
+    if (w !== undefined && index >= w.first && index < w.first + w.map.length) return w;
+    const first = index - (index % UNPOPULATED_WINDOW_PAGES);
+    const count = Math.min(UNPOPULATED_WINDOW_PAGES, block.size / PAGE_SIZE - first);
+    const map = block.unpopulatedPages?.(first, count);
+    if (!map || map.length !== count) {
+      this.unpopulated.set(block, null);
+      return undefined;
     }
-    return w.map[index - w.first] === 1;
+    const fresh = { first, map };
+    this.unpopulated.set(block, fresh);
+    return fresh;
   }
 
   private bits(block: RamBlock): Uint8Array {
