@@ -154,7 +154,7 @@ export class RamPageWriter {
       at += PAGE_SIZE;
       left--;
     }
-    this.w.be64AndZeroRun(at + RAM_SAVE_FLAG_ZERO + RAM_SAVE_FLAG_CONTINUE, PAGE_SIZE, left);
+    this.w.pageRecordRun(at / PAGE_SIZE, left, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE);
     this.counters.zeroPages += left;
   }
 

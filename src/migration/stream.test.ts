@@ -218,6 +218,28 @@ describe('migration stream', () => {
     assert.ok(dst.memory.get('pc.ram')!.every((b) => b === 0));
   });
 
+  test('page record runs across 4 GiB and 8 GiB are the be64 and 0 byte of each page', async () => {
+    const one = new BufferSink();
+    const w1 = new StreamWriter(one);
+    const run = new BufferSink();
+    const w2 = new StreamWriter(run);
+    for (const [first, n] of [
+      [0x10_0000 - 5, 10],
+      [0x20_0000 - 1, 3],
+      [0x7_fff_fff0, 40],
+    ] as const) {
+      for (let p = first; p < first + n; p++) {
+        w1.u64n(p * PAGE_SIZE + 0x22);
+        w1.u8(0);
+      }
+      w2.pageRecordRun(first, n, 0x22);
+    }
+    await w1.flush();
+    await w2.flush();
+    assert.ok(run.bytes().equals(one.bytes()));
+    assert.throws(() => w2.pageRecordRun(0, 1, 0x100), RangeError);
+  });
+
   test('a stream truncated anywhere is refused with MIGRATION_TRUNCATED and no device state applied', async () => {
     const data = await saveToBuffer(fixtureMachine(true, { ramPages: 32 }));
     const offsets = new Set<number>([0, 1, 3, 4, 7, 8]);
