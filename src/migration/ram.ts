@@ -74,7 +74,7 @@ export function isZeroPageAt(data: Uint8Array, at: number): boolean {
 const ZERO_RUN_PAGES = 256;
 const ZERO_RUN = Buffer.alloc(ZERO_RUN_PAGES * PAGE_SIZE);
 
-/** Whether `data` (a whole number of pages, at most 1 MiB) is all zeros: one memcmp. */
+/** Whether `data` (at most 1 MiB: a run of pages, a bitmap) is all zeros: one memcmp. */
 export function isZeroRun(data: Uint8Array): boolean {
   return (
     data.length <= ZERO_RUN.length && ZERO_RUN.compare(data, 0, data.length, 0, data.length) === 0
@@ -534,6 +534,16 @@ export class RamCommitter {
           const stop = w ? Math.min(end, w.first + w.map.length) : end;
           const map = w?.map;
           const base = w?.first ?? 0;
+          // The common case, fresh RAM: every page of the stretch known zero
+          // (two native scans), so nothing to read or write.
+          if (
+            check < 0 &&
+            (this.ramIsZeroed || (map && map.subarray(index - base, stop - base).indexOf(0) < 0)) &&
+            isZeroRun(bits.subarray(index >> 3, ((stop - 1) >> 3) + 1))
+          ) {
+            index = stop;
+            continue;
+          }
           for (; index < stop; index++) {
             const known =
               !(bits[index >> 3]! & (1 << (index & 7))) &&
