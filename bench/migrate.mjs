@@ -33,7 +33,7 @@
 //
 // Usage: npm run bench -- migrate [--runs N] [--sizes 512M,2G] [--dd-mb N]
 //                                 [--downtime-limit MS] [--dirty-rate MB_S]
-//                                 [--only mapped-ram|save] [--baseline MAIN_JS]
+//                                 [--only mapped-ram|idle|save] [--baseline MAIN_JS]
 // `--only mapped-ram` runs the mapped-ram restore rows alone (with KVM).
 // `--only save` runs only saves of the idle probe OS (no restore, no
 // dirtying: minutes on a PVM host), `--runs` rounds alternating tsvmm and
@@ -41,6 +41,9 @@
 // (STOP to completed) of each; with `--baseline PATH`, another tsvmm build
 // (its dist/cli/main.js, such as a checkout of main) takes part in every
 // round too, for a before/after in the same run.
+// `--only idle` runs the idle save and restore rows alone (with KVM): no
+// dirtied guest (its first 256 MiB take minutes where the host's KVM uses
+// shadow paging), no dd, no live migration, no mapped-ram.
 import { rmSync, statSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
@@ -106,8 +109,10 @@ await runBench(NAME, async () => {
     },
     strict: true,
   });
-  if (values.only !== undefined && values.only !== 'mapped-ram' && values.only !== 'save') {
-    throw new BenchError(`--only ${values.only}: the parts that run alone are mapped-ram and save`);
+  if (values.only !== undefined && !['mapped-ram', 'idle', 'save'].includes(values.only)) {
+    throw new BenchError(
+      `--only ${values.only}: the parts that run alone are mapped-ram, idle and save`,
+    );
   }
   if (values.baseline !== undefined && values.only !== 'save') {
     throw new BenchError('--baseline goes with --only save');
@@ -136,6 +141,10 @@ await runBench(NAME, async () => {
     }
     return;
   }
+  if (host.usable && values.only === 'idle') {
+    await idleBenchmark({ runs, sizes });
+    return;
+  }
   if (host.usable) {
     await fullBenchmark({ runs, sizes, ddMb, downtimeLimit, dirtyRate });
     return;
@@ -154,25 +163,46 @@ await runBench(NAME, async () => {
 
 // ------------------------------------------------------------ full: KVM
 
+/** Save and restore rounds, tsvmm and QEMU alternating, for each size and dirty state. */
+async function saveRestoreCases({ runs, sizes, dirtyStates, qemu, dir }) {
+  const cases = [];
+  for (const size of sizes) {
+    for (const dirty of dirtyStates) {
+      const c = { size, dirty, tsvmm: [], qemu: [] };
+      for (let i = 0; i < runs; i++) {
+        log(
+          `${sizeName(size)} ${dirty ? `${DIRTY_MB} MiB dirtied` : 'idle'}: run ${i + 1}/${runs}`,
+        );
+        c.tsvmm.push(await vmRound({ vmm: 'tsvmm', qemu, size, dirty, dir }));
+        c.qemu.push(await vmRound({ vmm: 'qemu', qemu, size, dirty, dir, accel: 'kvm' }));
+      }
+      cases.push(summarize(c));
+    }
+  }
+  return cases;
+}
+
+/** `--only idle`: the idle save and restore rows, nothing else. */
+async function idleBenchmark({ runs, sizes }) {
+  const qemu = ensureQemu(NAME);
+  const version = qemuVersion(qemu);
+  const dir = makeTempDir('tsvmm-bench-migrate-');
+  try {
+    const cases = await saveRestoreCases({ runs, sizes, dirtyStates: [false], qemu, dir });
+    const result = ['mode=idle-only', 'kvm=1'];
+    reportSaveRestore({ cases, version, runs, result });
+    console.log(`RESULT ${result.join(' ')}`);
+  } finally {
+    removeTempDir(dir);
+  }
+}
+
 async function fullBenchmark({ runs, sizes, ddMb, downtimeLimit, dirtyRate }) {
   const qemu = ensureQemu(NAME);
   const version = qemuVersion(qemu);
   const dir = makeTempDir('tsvmm-bench-migrate-');
   try {
-    const cases = [];
-    for (const size of sizes) {
-      for (const dirty of [false, true]) {
-        const c = { size, dirty, tsvmm: [], qemu: [] };
-        for (let i = 0; i < runs; i++) {
-          log(
-            `${sizeName(size)} ${dirty ? `${DIRTY_MB} MiB dirtied` : 'idle'}: run ${i + 1}/${runs}`,
-          );
-          c.tsvmm.push(await vmRound({ vmm: 'tsvmm', qemu, size, dirty, dir }));
-          c.qemu.push(await vmRound({ vmm: 'qemu', qemu, size, dirty, dir, accel: 'kvm' }));
-        }
-        cases.push(summarize(c));
-      }
-    }
+    const cases = await saveRestoreCases({ runs, sizes, dirtyStates: [false, true], qemu, dir });
     log(`dd: ${ddMb} MiB`);
     const dd = await ddRate({ dir, mb: ddMb });
     log(
@@ -601,7 +631,8 @@ function reportMappedRam(mapped, result) {
   console.log('');
 }
 
-function reportFull({ cases, dd, live, mapped, version, runs, downtimeLimit, dirtyRate }) {
+/** The save and restore table, then setup and downtime; figures appended to `result`. */
+function reportSaveRestore({ cases, version, runs, result }) {
   console.log('');
   console.log(`${NAME}: save and restore of the probe OS, 1 vCPU, median of ${runs} run(s)`);
   console.log(`     tsvmm: migrate file:FILE (fsync, rename), -incoming file:FILE`);
@@ -627,7 +658,6 @@ function reportFull({ cases, dd, live, mapped, version, runs, downtimeLimit, dir
       'tsvmm write',
     ],
   ];
-  const result = ['mode=full', 'kvm=1'];
   for (const c of cases) {
     const key = caseKey(c);
     const saveRatio = c.qemu.saveMs / c.tsvmm.saveMs;
@@ -716,6 +746,11 @@ function reportFull({ cases, dd, live, mapped, version, runs, downtimeLimit, dir
   console.log(table(prows, (i) => i > 0));
   console.log('  ratio = QEMU time / tsvmm time (goal >= 1)');
   console.log('');
+}
+
+function reportFull({ cases, dd, live, mapped, version, runs, downtimeLimit, dirtyRate }) {
+  const result = ['mode=full', 'kvm=1'];
+  reportSaveRestore({ cases, version, runs, result });
   // The guest's first touch of the dirtied MiB (ready line to the end of its
   // first pass): RAM that is not backed by huge pages shows here.
   const drows = [['guest', 'tsvmm dirty pass', 'QEMU dirty pass']];

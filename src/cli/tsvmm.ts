@@ -179,6 +179,7 @@ async function run(config: VmConfig): Promise<number> {
       cpuFeatures: config.cpu.features,
       warn: (m) => say(`warning: ${m}`),
       boot: guestBoot(config),
+      incoming: config.incoming !== undefined,
       serialFd,
       coalesceSerialTx: config.serialDevice.coalesceTx,
       useReliableGetClock: config.kvmclock.machUseReliableGetClock,

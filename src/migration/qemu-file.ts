@@ -57,6 +57,8 @@ export interface StreamCheckpoint {
 }
 
 const CHUNK = 1 << 20;
+/** 4 KiB pages in 4 GiB: where the high word of a page's offset changes. */
+const PAGES_PER_4G = 0x10_0000;
 
 /**
  * The buffered, big-endian writing side of a stream (QEMU's QEMUFile for
@@ -85,6 +87,8 @@ export class StreamWriter {
   private failed = false;
   private failure: unknown;
   private readonly startedAt = performance.now();
+  /** The bytes of a page record that stay the same along a run (pageRecordRun). */
+  private readonly recordPattern = new Uint8Array(9);
 
   private readonly chunk: number;
 
@@ -174,6 +178,49 @@ export class StreamWriter {
     this.view.setUint32(this.pos, Math.floor(v / 0x1_0000_0000));
     this.view.setUint32(this.pos + 4, v >>> 0);
     this.pos += 8;
+  }
+
+  /**
+   * `count` records of 9 bytes for consecutive 4 KiB pages from page index
+   * `firstPage` on: the be64 `page * 4096 + flags` (`flags` below 256),
+   * then a 0 byte. That is a run of RAM zero-page records. A migration
+   * thread writes them once, with cold code: a fill of the bytes that stay
+   * the same and three stores per record took a third of the time of
+   * nine computed stores per record.
+   */
+  pageRecordRun(firstPage: number, count: number, flags: number): void {
+    if (!(Number.isInteger(flags) && flags >= 0 && flags < 256)) {
+      throw new RangeError(`flags 0x${flags.toString(16)} do not fit in the low byte`);
+    }
+    let page = firstPage;
+    let left = count;
+    while (left > 0) {
+      this.room(9);
+      // The high word is the same up to the next 4 GiB (2^20 pages).
+      const upTo4G = PAGES_PER_4G - (page % PAGES_PER_4G);
+      const n = Math.min(left, upTo4G, Math.floor((this.buf.length - this.pos) / 9));
+      const hi = Math.floor(page / PAGES_PER_4G);
+      const pattern = this.recordPattern;
+      pattern[0] = hi >>> 24;
+      pattern[1] = hi >>> 16;
+      pattern[2] = hi >>> 8;
+      pattern[3] = hi;
+      pattern[7] = flags;
+      const buf = this.buf;
+      let pos = this.pos;
+      const end = pos + n * 9;
+      Buffer.from(buf.buffer, buf.byteOffset, buf.length).fill(pattern, pos, end);
+      // Bits 12-31 of the low word are the page's low 20 bits.
+      let low = page % PAGES_PER_4G;
+      for (; pos < end; pos += 9, low++) {
+        buf[pos + 4] = low >>> 12;
+        buf[pos + 5] = low >>> 4;
+        buf[pos + 6] = low << 4;
+      }
+      this.pos = end;
+      page += n;
+      left -= n;
+    }
   }
 
   bytes(b: Uint8Array): void {
@@ -431,6 +478,21 @@ export class StreamReader {
   copyTo(dest: Uint8Array, at: number, n: number): void {
     this.check(n);
     dest.set(this.buf.subarray(this.pos, this.pos + n), at);
+    this.pos += n;
+  }
+
+  /**
+   * The bytes buffered and not consumed yet, as a view valid until the next
+   * need() or read(): a hot loop parses records in place, then consumes
+   * what it parsed with advance().
+   */
+  buffered(): Uint8Array {
+    return this.buf.subarray(this.pos, this.end);
+  }
+
+  /** Consumes `n` buffered bytes (see buffered()). */
+  advance(n: number): void {
+    this.check(n);
     this.pos += n;
   }
 

@@ -55,6 +55,7 @@ export interface RamCounters {
 }
 
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+const NO_PAGE = new Uint8Array(0);
 
 /**
  * Whether a page is all zeros. A native memcmp against a zero page beats
@@ -73,7 +74,7 @@ export function isZeroPageAt(data: Uint8Array, at: number): boolean {
 const ZERO_RUN_PAGES = 256;
 const ZERO_RUN = Buffer.alloc(ZERO_RUN_PAGES * PAGE_SIZE);
 
-/** Whether `data` (a whole number of pages, at most 1 MiB) is all zeros: one memcmp. */
+/** Whether `data` (at most 1 MiB: a run of pages, a bitmap) is all zeros: one memcmp. */
 export function isZeroRun(data: Uint8Array): boolean {
   return (
     data.length <= ZERO_RUN.length && ZERO_RUN.compare(data, 0, data.length, 0, data.length) === 0
@@ -138,6 +139,23 @@ export class RamPageWriter {
 
   page(block: RamBlock, offset: number, data: Uint8Array): void {
     this.pageAt(block, offset, data, 0, isZeroPage(data));
+  }
+
+  /**
+   * `count` zero pages of `block` from byte `offset` on, one after the
+   * other: the same records as `count` calls of pageAt with zero set.
+   */
+  zeroRun(block: RamBlock, offset: number, count: number): void {
+    if (count <= 0) return;
+    let at = offset;
+    let left = count;
+    if (block !== this.lastBlock) {
+      this.pageAt(block, at, NO_PAGE, 0, true);
+      at += PAGE_SIZE;
+      left--;
+    }
+    this.w.pageRecordRun(at / PAGE_SIZE, left, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE);
+    this.counters.zeroPages += left;
   }
 
   /**
@@ -240,12 +258,50 @@ export async function loadRamSection(
       const fill = r.u8();
       if (fill !== 0) throw malformed(r, `a zero page filled with 0x${fill.toString(16)}`);
       stage.zero(block, addr);
+      stageZeroRecords(r, block, stage);
     } else {
       p = r.need(PAGE_SIZE);
       if (p) await p;
       stage.page(block, addr, r);
     }
   }
+}
+
+/** The low 12 bits of a zero page's header in the same block as the page before. */
+const ZERO_CONTINUE = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE;
+/** A zero-page record: the be64 header and the fill byte. */
+const ZERO_RECORD_BYTES = 9;
+
+/**
+ * Stages the zero-page records of `block` (ZERO | CONTINUE, fill byte 0,
+ * inside the block) that follow in the reader's buffer, parsed in place: an
+ * idle guest's stream is nearly all such records, and reading each through
+ * need() and the getters was most of the loader's own time. It stops at the
+ * first other record, or one it would have to refuse, and leaves that to
+ * the general path, which reports it.
+ */
+function stageZeroRecords(r: StreamReader, block: RamBlock, stage: RamStage): void {
+  const b = r.buffered();
+  const limit = block.size - PAGE_SIZE;
+  let k = 0;
+  // The run of consecutive pages being gathered: [runStart, next).
+  let runStart = -1;
+  let next = -1;
+  while (k + ZERO_RECORD_BYTES <= b.length) {
+    const lo = ((b[k + 4]! << 24) | (b[k + 5]! << 16) | (b[k + 6]! << 8) | b[k + 7]!) >>> 0;
+    if ((lo & PAGE_MASK_LOW) !== ZERO_CONTINUE || b[k + 8] !== 0) break;
+    const hi = ((b[k]! << 24) | (b[k + 1]! << 16) | (b[k + 2]! << 8) | b[k + 3]!) >>> 0;
+    const addr = hi * 0x1_0000_0000 + (lo - ZERO_CONTINUE);
+    if (addr > limit) break;
+    if (addr !== next) {
+      if (runStart >= 0) stage.zeroRun(block, runStart, (next - runStart) / PAGE_SIZE);
+      runStart = addr;
+    }
+    next = addr + PAGE_SIZE;
+    k += ZERO_RECORD_BYTES;
+  }
+  if (runStart >= 0) stage.zeroRun(block, runStart, (next - runStart) / PAGE_SIZE);
+  if (k > 0) r.advance(k);
 }
 
 async function loadBlockList(r: StreamReader, total: number): Promise<RamBlockEntry[]> {
@@ -314,8 +370,10 @@ export class RamStage {
   private blocks: RamBlock[] = [];
   /** Offset in the block of each page, in stream order. */
   private offsets = new Float64Array(1024);
-  /** Each page's index in `data`, or -1 for a zero page. */
+  /** Each page's index in `data`, or -1 for a run of zero pages. */
   private slots = new Int32Array(1024);
+  /** Pages in each entry: 1 for a non-zero page, the run's length for zero pages. */
+  private runs = new Int32Array(1024);
   private data = new Uint8Array(0);
   private count = 0;
   /** Non-zero pages staged (QEMU's "normal"). */
@@ -333,9 +391,29 @@ export class RamStage {
     this.blocks.length = 0;
   }
 
+  /**
+   * A zero page. Zero pages that follow each other in the stream and in the
+   * block share one entry (an idle guest's stream is nearly all of them).
+   */
   zero(block: RamBlock, offset: number): void {
-    this.add(block, offset, -1);
-    this.zeroPages++;
+    this.zeroRun(block, offset, 1);
+  }
+
+  /** `pages` zero pages of `block` from `offset` on, one after the other. */
+  zeroRun(block: RamBlock, offset: number, pages: number): void {
+    const last = this.count - 1;
+    if (
+      last >= 0 &&
+      this.slots[last]! < 0 &&
+      this.blocks[last] === block &&
+      this.offsets[last]! + this.runs[last]! * PAGE_SIZE === offset
+    ) {
+      this.runs[last]! += pages;
+    } else {
+      this.add(block, offset, -1);
+      this.runs[this.count - 1] = pages;
+    }
+    this.zeroPages += pages;
   }
 
   /** A non-zero page: its PAGE_SIZE bytes are copied from the reader. */
@@ -361,30 +439,35 @@ export class RamStage {
       const slots = new Int32Array(i * 2);
       slots.set(this.slots);
       this.slots = slots;
+      const runs = new Int32Array(i * 2);
+      runs.set(this.runs);
+      this.runs = runs;
     }
     this.blocks[i] = block;
     this.offsets[i] = offset;
     this.slots[i] = slot;
+    this.runs[i] = 1;
     this.count = i + 1;
   }
 
   /**
-   * Calls `data(block, offset, bytes)` for each run of non-zero pages that
-   * follow each other in the stream and in the block (one call writes the
-   * run), and `zero(block, offset)` for each zero page, in stream order.
+   * Calls `data(block, offset, bytes, pages)` for each run of non-zero
+   * pages that follow each other in the stream and in the block (one call
+   * writes the run), and `zero(block, offset, pages)` for each such run of
+   * zero pages, in stream order.
    */
   forEachRun(
     data: (block: RamBlock, offset: number, bytes: Uint8Array, pages: number) => void,
-    zero: (block: RamBlock, offset: number) => void,
+    zero: (block: RamBlock, offset: number, pages: number) => void,
   ): void {
-    const { blocks, offsets, slots, count } = this;
+    const { blocks, offsets, slots, runs, count } = this;
     let i = 0;
     while (i < count) {
       const block = blocks[i]!;
       const offset = offsets[i]!;
       const slot = slots[i]!;
       if (slot < 0) {
-        zero(block, offset);
+        zero(block, offset, runs[i]!);
         i++;
         continue;
       }
@@ -404,17 +487,27 @@ export class RamStage {
   }
 }
 
+/** Pages per question to RamBlock.unpopulatedPages on the load side: 256 MiB of guest RAM. */
+const UNPOPULATED_WINDOW_PAGES = 64 * 1024;
+
 /**
  * Writes verified pages into guest RAM. A zero page is written only if the
- * destination may not be zero already: when the caller says the RAM was
- * fresh (all zero) and this load has not written the page, it is skipped;
- * otherwise the page is compared first, as QEMU does, so untouched memory
- * stays unallocated.
+ * destination may not be zero already, as QEMU's loader does; it is known
+ * zero without a read when this load has not written it and either the
+ * caller says the RAM was fresh (all zero) or the block reports the page
+ * unpopulated (RamBlock.unpopulatedPages: never touched, so zero). Other
+ * zero pages are compared first, so untouched memory stays unallocated.
+ * A fresh VM waiting for -incoming has its boot image in RAM, so it is not
+ * all zero, but nearly all of its pages are unpopulated: reading each to
+ * compare it (a view and a page fault per page) was most of an idle
+ * guest's restore.
  */
 export class RamCommitter {
   private readonly written = new Map<RamBlock, Uint8Array>();
   private lastBlock: RamBlock | undefined;
   private lastBits: Uint8Array | undefined;
+  /** Per block: what unpopulatedPages said for one window of pages, or null if it cannot tell. */
+  private readonly unpopulated = new Map<RamBlock, { first: number; map: Uint8Array } | null>();
 
   constructor(private readonly ramIsZeroed: boolean) {}
 
@@ -427,13 +520,84 @@ export class RamCommitter {
         for (let index = first; index < first + pages; index++)
           bits[index >> 3]! |= 1 << (index & 7);
       },
-      (block, offset) => {
-        const index = offset / PAGE_SIZE;
-        if (!this.ramIsZeroed || this.bits(block)[index >> 3]! & (1 << (index & 7))) {
-          if (!isZeroPage(block.read(offset, PAGE_SIZE))) block.write(offset, ZERO_PAGE);
+      (block, offset, pages) => {
+        const bits = this.bits(block);
+        const first = offset / PAGE_SIZE;
+        const end = first + pages;
+        // Pages that may hold data are checked a stretch at a time: one
+        // view and one memcmp for the stretch, then page by page only
+        // where it is not all zero.
+        let check = -1;
+        let index = first;
+        while (index < end) {
+          const w = this.ramIsZeroed ? undefined : this.window(block, index);
+          const stop = w ? Math.min(end, w.first + w.map.length) : end;
+          const map = w?.map;
+          const base = w?.first ?? 0;
+          // The common case, fresh RAM: every page of the stretch known zero
+          // (two native scans), so nothing to read or write.
+          if (
+            check < 0 &&
+            (this.ramIsZeroed || (map && map.subarray(index - base, stop - base).indexOf(0) < 0)) &&
+            isZeroRun(bits.subarray(index >> 3, ((stop - 1) >> 3) + 1))
+          ) {
+            index = stop;
+            continue;
+          }
+          for (; index < stop; index++) {
+            const known =
+              !(bits[index >> 3]! & (1 << (index & 7))) &&
+              (this.ramIsZeroed || (map !== undefined && map[index - base] === 1));
+            if (!known) {
+              if (check < 0) check = index;
+              else if (index - check >= ZERO_RUN_PAGES) {
+                this.zeroIfNeeded(block, check, index);
+                check = index;
+              }
+            } else if (check >= 0) {
+              this.zeroIfNeeded(block, check, index);
+              check = -1;
+            }
+          }
         }
+        if (check >= 0) this.zeroIfNeeded(block, check, end);
       },
     );
+  }
+
+  /** Makes pages [from, to) of `block` zero, writing only those that are not. */
+  private zeroIfNeeded(block: RamBlock, from: number, to: number): void {
+    const data = block.read(from * PAGE_SIZE, (to - from) * PAGE_SIZE);
+    if (isZeroRun(data)) return;
+    for (let index = from; index < to; index++) {
+      if (!isZeroPageAt(data, (index - from) * PAGE_SIZE))
+        block.write(index * PAGE_SIZE, ZERO_PAGE);
+    }
+  }
+
+  /**
+   * The block's answer to unpopulatedPages for the window of pages that
+   * holds `index` (1 where the page is unpopulated now), or undefined when
+   * the block cannot tell. An answer taken earlier in this load still holds
+   * for the pages this load has not written (nothing else writes guest RAM
+   * during a load; the caller checks the written bits first); the answer
+   * for a window taken after some of its pages were written says they are
+   * populated, which only costs a compare.
+   */
+  private window(block: RamBlock, index: number): { first: number; map: Uint8Array } | undefined {
+    const w = this.unpopulated.get(block);
+    if (w === null) return undefined;
+    if (w !== undefined && index >= w.first && index < w.first + w.map.length) return w;
+    const first = index - (index % UNPOPULATED_WINDOW_PAGES);
+    const count = Math.min(UNPOPULATED_WINDOW_PAGES, block.size / PAGE_SIZE - first);
+    const map = block.unpopulatedPages?.(first, count);
+    if (!map || map.length !== count) {
+      this.unpopulated.set(block, null);
+      return undefined;
+    }
+    const fresh = { first, map };
+    this.unpopulated.set(block, fresh);
+    return fresh;
   }
 
   private bits(block: RamBlock): Uint8Array {

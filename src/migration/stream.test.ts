@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { openIncoming, withOutgoing } from './channels.js';
-import { BufferSink, bufferSource } from './qemu-file.js';
-import { createBufferRam, PAGE_SIZE, type RamBlock } from './ram.js';
+import { BufferSink, bufferSource, StreamWriter } from './qemu-file.js';
+import { createBufferRam, PAGE_SIZE, type RamBlock, RamPageWriter } from './ram.js';
 import {
   type DeviceSection,
   encodeDeviceSection,
@@ -167,6 +167,80 @@ describe('migration stream', () => {
       dst.memory.get('pc.ram')!.every((b) => b === 0),
       'zero pages overwrite stale data',
     );
+  });
+
+  test('runs of zero pages are the records one zero page at a time gives, across chunk and section ends', async () => {
+    // 1 MiB chunks hold 116,508 records of 9 bytes: 130,000 pages cross one.
+    const pages = 130_000;
+    const zeros = createBufferRam([{ id: 'pc.ram', size: pages * PAGE_SIZE }]);
+    const block = zeros.blocks[0]!;
+    const whole = new BufferSink();
+    await saveVmState({
+      sink: whole,
+      machineType: MACHINE,
+      vcpus: 1,
+      ram: zeros,
+      devices: [],
+      chunkPages: 1000,
+    });
+    // The same records written page by page, the way QEMU writes them.
+    const sink = new BufferSink();
+    const w = new StreamWriter(sink);
+    const pw = new RamPageWriter(w, { normalPages: 0, zeroPages: 0 });
+    const page = new Uint8Array(PAGE_SIZE);
+    const byRun = new BufferSink();
+    const wr = new StreamWriter(byRun);
+    const rw = new RamPageWriter(wr, { normalPages: 0, zeroPages: 0 });
+    for (const [from, n] of [
+      [0, 1],
+      [1, 116_600],
+      [116_601, 3],
+    ] as const) {
+      for (let i = from; i < from + n; i++) pw.page(block, i * PAGE_SIZE, page);
+      rw.zeroRun(block, from * PAGE_SIZE, n);
+    }
+    rw.newSection();
+    pw.newSection();
+    pw.page(block, 7 * PAGE_SIZE, page);
+    rw.zeroRun(block, 7 * PAGE_SIZE, 1);
+    await w.flush();
+    await wr.flush();
+    assert.ok(byRun.bytes().equals(sink.bytes()));
+    assert.equal(rw.counters.zeroPages, 116_605);
+    // And the whole stream loads back as zero RAM.
+    const dst = createBufferRam([{ id: 'pc.ram', size: pages * PAGE_SIZE }]);
+    dst.memory.get('pc.ram')!.fill(1);
+    const stats = await loadVmState({
+      source: bufferSource(whole.bytes()),
+      machineType: MACHINE,
+      vcpus: 1,
+      ram: dst,
+      devices: [],
+    });
+    assert.equal(stats.zeroPages, pages);
+    assert.ok(dst.memory.get('pc.ram')!.every((b) => b === 0));
+  });
+
+  test('page record runs across 4 GiB and 8 GiB are the be64 and 0 byte of each page', async () => {
+    const one = new BufferSink();
+    const w1 = new StreamWriter(one);
+    const run = new BufferSink();
+    const w2 = new StreamWriter(run);
+    for (const [first, n] of [
+      [0x10_0000 - 5, 10],
+      [0x20_0000 - 1, 3],
+      [0x7_fff_fff0, 40],
+    ] as const) {
+      for (let p = first; p < first + n; p++) {
+        w1.u64n(p * PAGE_SIZE + 0x22);
+        w1.u8(0);
+      }
+      w2.pageRecordRun(first, n, 0x22);
+    }
+    await w1.flush();
+    await w2.flush();
+    assert.ok(run.bytes().equals(one.bytes()));
+    assert.throws(() => w2.pageRecordRun(0, 1, 0x100), RangeError);
   });
 
   test('a stream truncated anywhere is refused with MIGRATION_TRUNCATED and no device state applied', async () => {
@@ -589,6 +663,56 @@ describe('pages a RAM block reports unpopulated', () => {
     const stats = await w.complete();
     // Pages 0-2, 100 and 450; then 300 in each of the passes that sent it.
     assert.equal(stats.normalPages, 5 + 1 + 1);
+  });
+
+  function loadInto(ram: { blocks: readonly RamBlock[] }, data: Uint8Array) {
+    return loadVmState({
+      source: bufferSource(data),
+      machineType: MACHINE,
+      vcpus: 1,
+      ram,
+      devices: [],
+    });
+  }
+
+  test('a load leaves them unread, and checks and zeroes the others the stream says are zero', async () => {
+    const zeros = createBufferRam([{ id: 'pc.ram', size: PAGES * PAGE_SIZE }]);
+    const data = await save(zeros);
+    const { ram, mem, state } = ramWithMap();
+    const stats = await loadInto(ram, data);
+    assert.equal(stats.zeroPages, PAGES);
+    assert.ok(
+      mem.every((b) => b === 0),
+      'the pages that held data are zero',
+    );
+    const read = readPages(state.reads);
+    for (let p = 0; p < PAGES; p++) {
+      assert.equal(read.has(p), p < 50 || p === 100 || p === 450, `page ${p} read or not`);
+    }
+    // Asked once, for the window that holds the whole block.
+    assert.deepEqual(state.asked, [[0, PAGES]]);
+  });
+
+  test('a page this load wrote and later receives as zero is zeroed, though reported unpopulated', async () => {
+    const src = createBufferRam([{ id: 'pc.ram', size: PAGES * PAGE_SIZE }]);
+    const srcMem = src.memory.get('pc.ram')!;
+    srcMem.fill(0x77, 300 * PAGE_SIZE, 302 * PAGE_SIZE);
+    const sink = new BufferSink();
+    const w = new MigrationStreamWriter({
+      sink,
+      machineType: MACHINE,
+      vcpus: 1,
+      ram: src,
+      devices: [],
+      chunkPages: 64,
+    });
+    await w.begin();
+    await w.sendRam();
+    srcMem.fill(0, 300 * PAGE_SIZE, 301 * PAGE_SIZE);
+    await w.complete([{ block: 'pc.ram', pages: [300] }]);
+    const { ram, mem } = ramWithMap();
+    await loadInto(ram, sink.bytes());
+    assert.ok(Buffer.from(mem).equals(srcMem));
   });
 
   test('a block that cannot answer, or answers wrongly, is read and not asked again', async () => {

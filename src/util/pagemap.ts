@@ -23,6 +23,10 @@ export const PAGEMAP_PAGE_SIZE = 4096;
 /** Entries read per pread: 64 Ki (512 KiB, 256 MiB of address space). */
 export const PAGEMAP_CHUNK_ENTRIES = 64 * 1024;
 
+/** Entries compared with zeros at once: 512 (4 KiB of entries, 2 MiB of memory). */
+const ZERO_GROUP_ENTRIES = 512;
+const ZERO_GROUP = Buffer.alloc(ZERO_GROUP_ENTRIES * 8);
+
 /** Bits 62 and 63 of an entry, in its high 32-bit word. */
 const PRESENT_OR_SWAPPED_HI = 0xc000_0000;
 
@@ -113,9 +117,18 @@ export class Pagemap {
           got += n;
         }
         const entries = want / 8;
-        // Little-endian: entry i's high word (bits 32..63) is word 2i + 1.
-        for (let i = 0; i < entries; i++) {
-          if ((words[2 * i + 1]! & PRESENT_OR_SWAPPED_HI) === 0) out[done + i] = 1;
+        for (let g = 0; g < entries; g += ZERO_GROUP_ENTRIES) {
+          const end = Math.min(entries, g + ZERO_GROUP_ENTRIES);
+          // A group of all-zero entries (never-touched memory: most of an
+          // idle guest's) is found by one memcmp instead of a look at each.
+          if (ZERO_GROUP.compare(buf, g * 8, end * 8, 0, (end - g) * 8) === 0) {
+            out.fill(1, done + g, done + end);
+            continue;
+          }
+          // Little-endian: entry i's high word (bits 32..63) is word 2i + 1.
+          for (let i = g; i < end; i++) {
+            if ((words[2 * i + 1]! & PRESENT_OR_SWAPPED_HI) === 0) out[done + i] = 1;
+          }
         }
         done += entries;
       }
