@@ -272,6 +272,21 @@ function harness(o: HarnessOptions = {}) {
 const statuses = (events: MigrationEvent[]) =>
   events.map((e) => (e.event === 'MIGRATION' ? e.data.status : `pass ${e.data.pass}`));
 
+/**
+ * The statuses of a `migrate exec:false`. The header goes out in setup,
+ * before the thread is ready: it fails there if `false` has already
+ * exited, else a later write of pass 1 does.
+ */
+function assertExecFalseStatuses(seen: readonly string[]): void {
+  assert.ok(
+    [
+      ['setup', 'failed'],
+      ['setup', 'active', 'pass 1', 'failed'],
+    ].some((expected) => JSON.stringify(expected) === JSON.stringify(seen)),
+    seen.join(', '),
+  );
+}
+
 async function until(what: string, check: () => boolean, ms = 10_000): Promise<void> {
   const deadline = Date.now() + ms;
   while (!check()) {
@@ -421,16 +436,7 @@ describe('MachineMigration (recording vCPU double)', () => {
     await src.lifecycle.vmStart();
     await src.migration.migrate('exec:false');
     await src.migration.whenIdle();
-    // The header goes out in setup, before the thread is ready: it fails
-    // there if `false` has already exited, else a later write of pass 1 does.
-    const seen = statuses(src.events);
-    assert.ok(
-      [
-        ['setup', 'failed'],
-        ['setup', 'active', 'pass 1', 'failed'],
-      ].some((expected) => JSON.stringify(expected) === JSON.stringify(seen)),
-      seen.join(', '),
-    );
+    assertExecFalseStatuses(statuses(src.events));
     assert.equal(src.lifecycle.runstate.current, 'running');
     const stop = src.log.indexOf('STOP');
     assert.ok(stop >= 0 && src.log.indexOf('RESUME', stop) > stop, 'stopped, then resumed');
@@ -834,16 +840,7 @@ describe('MachineMigration with RAM in a GuestMemory mapping: the RAM passes run
     await src.lifecycle.vmStart();
     await src.migration.migrate('exec:false');
     await src.migration.whenIdle();
-    // The header goes out in setup, before the thread is ready: it fails
-    // there if `false` has already exited, else a later write of pass 1 does.
-    const seen = statuses(src.events);
-    assert.ok(
-      [
-        ['setup', 'failed'],
-        ['setup', 'active', 'pass 1', 'failed'],
-      ].some((expected) => JSON.stringify(expected) === JSON.stringify(seen)),
-      seen.join(', '),
-    );
+    assertExecFalseStatuses(statuses(src.events));
     assert.match(String(src.migration.queryMigrate()['error-desc']), /.+/);
     assert.equal(src.lifecycle.runstate.current, 'running');
     assert.equal(threads(), before, 'the migration thread has ended after the failure');

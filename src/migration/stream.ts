@@ -590,6 +590,23 @@ export class MigrationStreamWriter {
     // The open section's size, in zero pages: a full page counts ZERO_PAGE_WEIGHT.
     let inSection = 0;
     const sectionSize = this.chunkPages * ZERO_PAGE_WEIGHT;
+    const openSection = (): void => {
+      if (open) return;
+      this.header(QEMU_VM_SECTION_PART, this.ramId);
+      this.pages.newSection();
+      open = true;
+    };
+    // Counts `weight` into the open section: ends it once full, else lets
+    // the sink take a full chunk. Not async: most calls have nothing to
+    // wait for, and this runs for every page.
+    const counted = (weight: number): Promise<void> | undefined => {
+      inSection += weight;
+      if (inSection < sectionSize) return this.w.flushIfNeeded();
+      saveRamEos(this.w);
+      open = false;
+      inSection = 0;
+      return this.endSection(this.ramId);
+    };
     // Never reuse what pagemap said in an earlier pass.
     this.unpopulated = undefined;
     for (const [block, first, count] of runs(this.opts.ram, selection)) {
@@ -613,44 +630,20 @@ export class MigrationStreamWriter {
         // Zero pages, known without a read or found by one memcmp: their
         // records go out in batches, within the section's size.
         for (let k = i; allZero && k < j; ) {
-          if (!open) {
-            this.header(QEMU_VM_SECTION_PART, this.ramId);
-            this.pages.newSection();
-            open = true;
-          }
+          openSection();
           const n = Math.min(j - k, sectionSize - inSection, ZERO_BATCH_PAGES);
           this.pages.zeroRun(block, (first + k) * PAGE_SIZE, n);
           k += n;
-          inSection += n;
-          if (inSection >= sectionSize) {
-            saveRamEos(this.w);
-            await this.endSection(this.ramId);
-            open = false;
-            inSection = 0;
-          } else {
-            const p = this.w.flushIfNeeded();
-            if (p) await p;
-          }
+          const p = counted(n);
+          if (p) await p;
         }
         for (let k = allZero ? j : i; k < j; k++) {
-          if (!open) {
-            this.header(QEMU_VM_SECTION_PART, this.ramId);
-            this.pages.newSection();
-            open = true;
-          }
+          openSection();
           const off = (k - i) * PAGE_SIZE;
           const zero = isZeroPageAt(data, off);
           this.pages.pageAt(block, (first + k) * PAGE_SIZE, data, off, zero);
-          inSection += zero ? 1 : ZERO_PAGE_WEIGHT;
-          if (inSection >= sectionSize) {
-            saveRamEos(this.w);
-            await this.endSection(this.ramId);
-            open = false;
-            inSection = 0;
-          } else {
-            const p = this.w.flushIfNeeded();
-            if (p) await p;
-          }
+          const p = counted(zero ? 1 : ZERO_PAGE_WEIGHT);
+          if (p) await p;
         }
         i = j;
       }
