@@ -33,6 +33,8 @@ const c = {
   signal: libc.func('signal', 'uintptr_t', ['int', 'uintptr_t']),
   exit: libc.func('void _exit(int status)'),
   clockGettime: libc.func('int clock_gettime(int clockid, void *ts)'),
+  memcpyTo: libc.func('void *memcpy(uintptr_t dst, const void *src, size_t n)'),
+  memsetAt: libc.func('void *memset(uintptr_t dst, int c, size_t n)'),
 } as const;
 
 /** open(2) flags. */
@@ -264,6 +266,25 @@ export function viewNative(ptr: bigint, length: number): Uint8Array {
     );
   }
   return new Uint8Array(koffi.view(ptr, length));
+}
+
+/**
+ * Copies `bytes` to native memory at `ptr` without a view of it: a view
+ * is an external buffer, and V8 answers a new large one (guest RAM) with a
+ * full garbage collection, which a few writes need not pay.
+ */
+export function copyToNative(ptr: bigint, bytes: Uint8Array): void {
+  if (ptr === 0n || ptr === MAP_FAILED) throw new RangeError('copyToNative: invalid pointer');
+  if (bytes.byteLength > 0) c.memcpyTo(ptr, bytes, bytes.byteLength);
+}
+
+/** Sets `length` bytes of native memory at `ptr` to `value`, without a view (see copyToNative). */
+export function fillNative(ptr: bigint, length: number, value: number): void {
+  if (ptr === 0n || ptr === MAP_FAILED) throw new RangeError('fillNative: invalid pointer');
+  if (!Number.isSafeInteger(length) || length < 0) {
+    throw new RangeError(`fillNative: invalid length ${length}`);
+  }
+  if (length > 0) c.memsetAt(ptr, value & 0xff, length);
 }
 
 /** The native address of a Buffer's memory (for structs that carry a pointer). */

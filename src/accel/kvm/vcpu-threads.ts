@@ -20,6 +20,7 @@ import {
   CTL_PIO_COUNT,
   CTL_REQUEST,
   CTL_STATE,
+  CTL_TID,
   KICK_SIGNAL,
   REQUEST_EXIT,
   REQUEST_PAUSE,
@@ -117,6 +118,8 @@ class VcpuThread {
       readyResolve = resolve;
       readyReject = reject;
     });
+    // Looked at by `started()`, which may come after a failure is known.
+    this.ready.catch(() => {});
     this.worker.on('message', (message: VcpuMessage) => {
       switch (message.type) {
         case 'loaded':
@@ -156,13 +159,23 @@ class VcpuThread {
     Atomics.notify(this.ctl, CTL_DOORBELL);
   }
 
+  /**
+   * The thread's kernel id, once it has stored it: read from the control
+   * cells rather than its 'ready' message, which the event loop delivers
+   * only after the main thread's current task.
+   */
+  get liveTid(): number {
+    return Atomics.load(this.ctl, CTL_TID);
+  }
+
   kick(): void {
-    if (this.tid > 0 && Atomics.load(this.ctl, CTL_STATE) !== STATE_EXITED) {
-      tgkill(getpid(), this.tid, KICK_SIGNAL);
+    const tid = this.liveTid;
+    if (tid > 0 && Atomics.load(this.ctl, CTL_STATE) !== STATE_EXITED) {
+      tgkill(getpid(), tid, KICK_SIGNAL);
     }
   }
 
-  queue(op: string, arg: unknown, wait: boolean): Promise<unknown> {
+  queue(op: string, arg: unknown, wait: boolean, block = wait): Promise<unknown> {
     const id = this.nextId++;
     const request: VcpuWorkRequest = { id, op, arg };
     const done = wait
@@ -171,7 +184,9 @@ class VcpuThread {
     this.port.postMessage(request);
     this.ring();
     this.kick();
-    if (wait) this.settle(SYNC_WAIT_MS);
+    // A thread still starting (its Node and code loading) would hold the
+    // main thread for the whole budget: its answer comes as an event then.
+    if (block && this.liveTid > 0) this.settle(SYNC_WAIT_MS);
     return done;
   }
 
@@ -274,8 +289,14 @@ export class VcpuThreads implements CpuController {
     process.on('exit', this.onProcessExit);
   }
 
-  /** Creates the vCPUs (KVM_CREATE_VCPU) and their threads, and waits until each is ready and paused. */
-  static async start(options: VcpuThreadsOptions): Promise<VcpuThreads> {
+  /**
+   * Creates the vCPUs (KVM_CREATE_VCPU) and hands each to its thread,
+   * without waiting for the threads: work queued now (runOnCpu) runs once
+   * each thread is up, and the caller goes on with what needs no vCPU (the
+   * guest's load) meanwhile. `started()` says when every thread is ready
+   * and paused; the caller ends them (`end()`) if that fails.
+   */
+  static launch(options: VcpuThreadsOptions): VcpuThreads {
     if (!kickSignalIgnored) {
       // A stray process-wide kick must not end Node; threads block it anyway.
       ignoreSignal(KICK_SIGNAL);
@@ -288,8 +309,25 @@ export class VcpuThreads implements CpuController {
         const fd = options.vm.createVcpu(i);
         threads.push(new VcpuThread(i, fd, options));
       }
-      await Promise.all(threads.map((t) => t.ready));
-      await Promise.all(threads.map((t) => t.waitPaused()));
+    } catch (err) {
+      // The threads made so far end once told to; nobody waits for them here.
+      all.end().catch(() => {});
+      throw err;
+    }
+    return all;
+  }
+
+  /** Settles when every thread is ready and paused; rejects if one failed to start. */
+  async started(): Promise<void> {
+    await Promise.all(this.threads.map((t) => t.ready));
+    await Promise.all(this.threads.map((t) => t.waitPaused()));
+  }
+
+  /** `launch`, then waits until every thread is ready and paused (ending them all if one fails). */
+  static async start(options: VcpuThreadsOptions): Promise<VcpuThreads> {
+    const all = VcpuThreads.launch(options);
+    try {
+      await all.started();
     } catch (err) {
       await all.end();
       throw err;
@@ -351,6 +389,16 @@ export class VcpuThreads implements CpuController {
   runOnCpu(cpu: number, op: string, arg?: unknown): Promise<unknown> {
     traceRunOnCpu.emit({ cpu, op });
     return this.thread(cpu).queue(op, arg, true);
+  }
+
+  /**
+   * `runOnCpu` without the main thread's blocking wait for the answer: it
+   * comes through the event loop. For work queued ahead of what the main
+   * thread does meanwhile (a vCPU's set-up while the guest is loaded).
+   */
+  queueOnCpu(cpu: number, op: string, arg?: unknown): Promise<unknown> {
+    traceRunOnCpu.emit({ cpu, op });
+    return this.thread(cpu).queue(op, arg, true, false);
   }
 
   asyncRunOnCpu(cpu: number, op: string, arg?: unknown): void {

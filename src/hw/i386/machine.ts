@@ -178,7 +178,8 @@ export class X86Machine {
       const runMmapSize = kvm.getVcpuMmapSize();
       const coalesced =
         options.coalesceSerialTx === false ? undefined : coalesceUartWrites(kvm, vm, runMmapSize);
-      const vcpus = await VcpuThreads.start({
+      // The vCPU threads finish starting while this thread loads the guest.
+      const vcpus = VcpuThreads.launch({
         vm,
         count: options.cpus,
         runMmapSize,
@@ -233,7 +234,8 @@ export class X86Machine {
       // loaded on this thread while they run: each vCPU thread runs its
       // queue in order (the guest's entry state comes after them), so
       // this is the sequence it was one step at a time, without waiting
-      // out three round trips per vCPU before the guest load.
+      // out three round trips per vCPU before the guest load (nor blocking
+      // for their answers: queueOnCpu).
       const setUps: Promise<CpuSavedState>[] = [];
       for (let cpu = 0; cpu < options.cpus; cpu++) {
         const cpuid = buildGuestCpuid(supported, {
@@ -245,9 +247,9 @@ export class X86Machine {
         leaf1 = cpuid.find((e) => e.function === 1) ?? leaf1;
         setUps.push(
           Promise.all([
-            vcpus.runOnCpu(cpu, 'set_cpuid', cpuid),
-            vcpus.runOnCpu(cpu, 'init_x86'),
-            vcpus.runOnCpu(cpu, 'get_cpu_state'),
+            vcpus.queueOnCpu(cpu, 'set_cpuid', cpuid),
+            vcpus.queueOnCpu(cpu, 'init_x86'),
+            vcpus.queueOnCpu(cpu, 'get_cpu_state'),
           ]).then(([, , state]) => state as CpuSavedState),
         );
       }
@@ -268,7 +270,9 @@ export class X86Machine {
           options.boot,
         );
       try {
-        if (!options.incoming) await loadGuest();
+        // A thread that cannot start fails the creation at once (its queued
+        // work would only fail when it ends).
+        await Promise.all([vcpus.started(), options.incoming ? undefined : loadGuest()]);
       } catch (err) {
         // A vCPU whose set-up failed fails its guest entry too: report the cause.
         await setUpsDone;

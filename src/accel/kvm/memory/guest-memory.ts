@@ -10,6 +10,8 @@
  */
 import { Errno, errnoName } from '../errno.js';
 import {
+  copyToNative,
+  fillNative,
   lastErrno,
   MADV_DONTFORK,
   MADV_HUGEPAGE,
@@ -324,6 +326,10 @@ export class GuestMemory {
   /** Writes `bytes` at `gpa`. */
   write(gpa: number | bigint, bytes: Uint8Array): void {
     const [slot, offset] = this.locate(gpa, bytes.byteLength);
+    if (!this.viewed(slot, offset, bytes.byteLength)) {
+      copyToNative(slot.hostAddr + BigInt(offset), bytes);
+      return;
+    }
     this.copy(slot, offset, bytes.byteLength, (chunk, from, to, at) =>
       chunk.set(bytes.subarray(at, at + (to - from)), from),
     );
@@ -332,6 +338,10 @@ export class GuestMemory {
   /** Fills `length` bytes at `gpa` with `value`. */
   fill(gpa: number | bigint, length: number, value = 0): void {
     const [slot, offset] = this.locate(gpa, length);
+    if (!this.viewed(slot, offset, length)) {
+      fillNative(slot.hostAddr + BigInt(offset), length, value);
+      return;
+    }
     this.copy(slot, offset, length, (chunk, from, to) => chunk.fill(value, from, to));
   }
 
@@ -449,6 +459,20 @@ export class GuestMemory {
     return this.#slots
       .map((s) => `0x${s.gpa.toString(16)}-0x${(s.end - 1).toString(16)}`)
       .join(', ');
+  }
+
+  /**
+   * Whether this thread already has the views over `length` bytes at
+   * `offset` in `slot`. Bulk writes go through libc until it has: a view
+   * spans up to 1 GiB of guest RAM, and V8 meets a new external buffer
+   * that large with a full garbage collection (milliseconds at every
+   * start, for the few writes that load a guest).
+   */
+  private viewed(slot: SlotState, offset: number, length: number): boolean {
+    const first = Math.floor(offset / VIEW_CHUNK_BYTES);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / VIEW_CHUNK_BYTES);
+    for (let i = first; i <= last; i++) if (!slot.chunks[i]) return false;
+    return true;
   }
 
   private chunk(slot: SlotState, index: number): Uint8Array {
