@@ -71,7 +71,7 @@ await runBench('boot', async () => {
       label: 'tsvmm',
       command: process.execPath,
       args: [
-        join(root, 'dist/cli/main.js'),
+        join(root, 'dist/cli/main.cjs'),
         '-kernel',
         image,
         '-append',

@@ -105,7 +105,7 @@ await runBench('linux-clock', async () => {
   const tsvmm = (extra) => ({
     command: process.execPath,
     args: [
-      join(root, 'dist/cli/main.js'),
+      join(root, 'dist/cli/main.cjs'),
       '-kernel',
       built.vmlinux ?? built.vmlinuz,
       ...common,

@@ -39,7 +39,7 @@
 // dirtying: minutes on a PVM host), `--runs` rounds alternating tsvmm and
 // QEMU, and reports the setup (migrate to the first byte) and the downtime
 // (STOP to completed) of each; with `--baseline PATH`, another tsvmm build
-// (its dist/cli/main.js, such as a checkout of main) takes part in every
+// (its dist/cli/main.cjs, or main.js in a build from before main.cjs) takes part in every
 // round too, for a before/after in the same run.
 // `--only idle` runs the idle save and restore rows alone (with KVM): no
 // dirtied guest (its first 256 MiB take minutes where the host's KVM uses
@@ -68,7 +68,7 @@ import { startVmm, timedIncoming, timedMigrate } from './lib/migrate-vmm.mjs';
 
 const NAME = 'migrate';
 const PROBE_OS = join(root, 'guests/probe-os/probe-os.elf');
-const TSVMM = join(root, 'dist/cli/main.js');
+const TSVMM = join(root, 'dist/cli/main.cjs');
 const DIRTY_MB = 256;
 const BOOT_TIMEOUT_MS = 60_000; // spawn to the probe OS's ready line
 // Ready to the end of the first dirty pass: the guest's first touch of 256

@@ -94,7 +94,7 @@ await runBench('qmp', async () => {
       guest: false,
       qemuArgs: ['-accel', accel, '-M', machineType, ...common, '-S', '-smp', '1', '-m', '128M'],
       tsvmmArgs: [
-        join(root, 'dist/cli/main.js'),
+        join(root, 'dist/cli/main.cjs'),
         '-S',
         '-smp',
         '1',
@@ -128,7 +128,7 @@ await runBench('qmp', async () => {
         'none',
       ],
       tsvmmArgs: [
-        join(root, 'dist/cli/main.js'),
+        join(root, 'dist/cli/main.cjs'),
         '-smp',
         '2',
         '-m',

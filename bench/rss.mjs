@@ -73,7 +73,7 @@ await runBench('rss', async () => {
         label: 'tsvmm',
         command: process.execPath,
         args: [
-          join(root, 'dist/cli/main.js'),
+          join(root, 'dist/cli/main.cjs'),
           '-kernel',
           image,
           '-append',

@@ -37,7 +37,7 @@ if (values.from) {
 const dir = mkdtempSync(join(tmpdir(), 'boot-phases-'));
 const traceFile = join(dir, 'strace.txt');
 const tsvmmArgs = [
-  join(root, 'dist/cli/main.js'),
+  join(root, 'dist/cli/main.cjs'),
   '-kernel',
   join(root, 'guests/probe-os/probe-os.elf'),
   '-append',
@@ -129,8 +129,8 @@ function report(text, wallMs) {
   const marks = [
     ['execve (process start)', first((e) => e.rest.startsWith('execve('))],
     [
-      'Node bootstrapped: opens dist/cli/main.js',
-      first((e) => e.rest.startsWith('openat(') && e.rest.includes('dist/cli/main.js"')),
+      'Node bootstrapped: opens dist/cli/main.cjs',
+      first((e) => e.rest.startsWith('openat(') && e.rest.includes('dist/cli/main.cjs"')),
     ],
     ['koffi: opens its .node', first((e) => /koffi.*\.node"/.test(e.rest))],
     ['modules loaded, options parsed: opens /dev/kvm', first((e) => e.rest.includes('"/dev/kvm"'))],
@@ -138,8 +138,8 @@ function report(text, wallMs) {
     ['guest RAM registered', first((e) => e.rest.includes('KVM_SET_USER_MEMORY_REGION'))],
     ['KVM_CREATE_VCPU (vCPU 0)', first((e) => e.rest.includes('KVM_CREATE_VCPU'))],
     [
-      'a vCPU worker opens vcpu-thread.js',
-      first((e) => e.pid !== mainPid && e.rest.includes('vcpu-thread.js"')),
+      'a vCPU worker opens vcpu-thread.cjs',
+      first((e) => e.pid !== mainPid && e.rest.includes('vcpu-thread.cjs"')),
     ],
     [
       'vCPU worker ready (KVM_SET_SIGNAL_MASK)',

@@ -1,4 +1,4 @@
-// End-to-end tests of tsvmm VMs on KVM: each spawns `node dist/cli/main.js`
+// End-to-end tests of tsvmm VMs on KVM: each spawns `node dist/cli/main.cjs`
 // (test-support/tsvmm-process.ts) and drives it over QMP and signals.
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';

@@ -1,5 +1,5 @@
 // End-to-end tests of the tsvmm command line that need no KVM: each spawns
-// `node dist/cli/main.js` (test-support/tsvmm-process.ts). The VM tests are
+// `node dist/cli/main.cjs` (test-support/tsvmm-process.ts). The VM tests are
 // in main.kvm.test.ts.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';

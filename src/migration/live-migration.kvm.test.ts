@@ -1,4 +1,4 @@
-// Live migration end to end: tsvmm processes (`node dist/cli/main.js`)
+// Live migration end to end: tsvmm processes (`node dist/cli/main.cjs`)
 // running the probe OS while it dirties memory at up to 32 MiB/s, migrated over
 // tcp and unix on loopback, and between two network namespaces of the
 // test's own, driven over QMP as a management tool would. Also a cancel in

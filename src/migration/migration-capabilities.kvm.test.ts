@@ -1,5 +1,5 @@
 // Migration capabilities on real KVM, end to end over QMP: two tsvmm
-// processes (`node dist/cli/main.js`) running the probe guest, the source
+// processes (`node dist/cli/main.cjs`) running the probe guest, the source
 // with `events` and `pause-before-switchover` on, migrated over a unix
 // socket. The source must stop in pre-switchover until migrate-continue,
 // report every status change as a MIGRATION event, and the destination must
@@ -17,7 +17,7 @@ import { isJsonObject, type JsonObject } from '../monitor/json-value.js';
 import { QmpClient } from '../monitor/qmp-client.js';
 import { requireKvm } from '../test-support/kvm.js';
 
-const MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+const MAIN = fileURLToPath(new URL('../cli/main.cjs', import.meta.url));
 // Generous: in the KVM-in-a-VM runner under load, a tsvmm start alone can take a minute.
 const STEP_MS = 180_000;
 

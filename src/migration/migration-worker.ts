@@ -25,7 +25,7 @@ import type {
 import { deviceStub, MigrationStreamWriter, type StreamStats } from './stream.js';
 
 const port = parentPort;
-if (!port) throw new Error('migration-worker.js runs only as a worker thread');
+if (!port) throw new Error('migration-worker runs only as a worker thread');
 const data = workerData as MigrationWorkerData;
 installTraceConfig(data.trace, 'migration');
 

@@ -72,7 +72,7 @@ export interface WorkerStreamWriterOptions {
   readonly chunkPages?: number;
 }
 
-const WORKER_URL = distUrl('migration/migration-worker.js');
+const WORKER_URL = distUrl('migration/migration-worker.cjs');
 
 /**
  * At most this many pages left dirty at the stop are sent from this thread

@@ -22,7 +22,7 @@ import { QmpClient } from '../monitor/qmp-client.js';
 import { scaled, TIME_SCALE } from './time-scale.js';
 
 /** The compiled entry point of tsvmm. */
-export const TSVMM_MAIN = fileURLToPath(new URL('../cli/main.js', import.meta.url));
+export const TSVMM_MAIN = fileURLToPath(new URL('../cli/main.cjs', import.meta.url));
 
 /** How long a command that should exit at once may take. */
 export const QUICK_EXIT_MS = scaled(15_000);

@@ -1,7 +1,7 @@
 /**
  * vCPU threads started before their VM exists. A Node worker takes a good
  * part of tsvmm's start-up to come up (a new V8 isolate, Node's own
- * bootstrap, then vcpu-thread.js and koffi loaded into it), and on the main
+ * bootstrap, then its bundle and koffi loaded into it), and on the main
  * thread the same time goes into loading tsvmm and setting up KVM. Starting
  * the workers first lets both run at once: each one loads its code and
  * then waits for the message that names its vCPU (vcpu-thread.ts).
@@ -13,7 +13,7 @@ import { Worker, type WorkerOptions } from 'node:worker_threads';
 import { distUrl } from '../../util/dist-path.js';
 
 /** The vCPU thread's script. */
-export const VCPU_THREAD_URL = distUrl('accel/kvm/vcpu-thread.js');
+export const VCPU_THREAD_URL = distUrl('accel/kvm/vcpu-thread.cjs');
 
 interface Prestarted {
   worker: Worker;
