@@ -21,7 +21,7 @@ export const PC_RAM_BLOCK = 'pc.ram';
  * double over buffers): then pages are always read.
  */
 export type GuestRam = Pick<GuestMemory, 'slots' | 'view' | 'write'> &
-  Partial<Pick<GuestMemory, 'fileBacked'>>;
+  Partial<Pick<GuestMemory, 'fileBacked' | 'isZero'>>;
 
 /** Options for {@link guestMemoryRam}. */
 export interface GuestMemoryRamOptions {
@@ -110,6 +110,16 @@ export function guestMemoryRam(memory: GuestRam, options: GuestMemoryRamOptions 
       walk(offset, bytes.length, (gpa, at, n) => memory.write(gpa, bytes.subarray(at, at + n)));
     },
   };
+  const isZero = memory.isZero?.bind(memory);
+  if (isZero) {
+    block.isZero = (offset, len) => {
+      let zero = true;
+      walk(offset, len, (gpa, _at, n) => {
+        zero &&= isZero(gpa, n);
+      });
+      return zero;
+    };
+  }
   const result: RamAccessor = { blocks: total > 0 ? [block] : [] };
   if (mapped && (options.pagemap === undefined || options.pagemap === null)) {
     nativeLayouts.set(result, {

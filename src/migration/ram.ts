@@ -33,6 +33,12 @@ export interface RamBlock {
    * asks first and sends these pages as zero pages without a read.
    */
   unpopulatedPages?(firstPage: number, count: number): Uint8Array | undefined;
+  /**
+   * Optional: whether `len` bytes at `offset` are all zero, told without
+   * `read` (which may make a view of the whole block, and a thread's first
+   * view of guest RAM costs it a full garbage collection).
+   */
+  isZero?(offset: number, len: number): boolean;
 }
 
 /** Guest RAM as the stream sees it; the machine adapts its memory to this. */
@@ -567,6 +573,13 @@ export class RamCommitter {
 
   /** Makes pages [from, to) of `block` zero, writing only those that are not. */
   private zeroIfNeeded(block: RamBlock, from: number, to: number): void {
+    if (block.isZero) {
+      if (block.isZero(from * PAGE_SIZE, (to - from) * PAGE_SIZE)) return;
+      for (let index = from; index < to; index++) {
+        if (!block.isZero(index * PAGE_SIZE, PAGE_SIZE)) block.write(index * PAGE_SIZE, ZERO_PAGE);
+      }
+      return;
+    }
     const data = block.read(from * PAGE_SIZE, (to - from) * PAGE_SIZE);
     if (isZeroRun(data)) return;
     for (let index = from; index < to; index++) {

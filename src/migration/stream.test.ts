@@ -693,6 +693,33 @@ describe('pages a RAM block reports unpopulated', () => {
     assert.deepEqual(state.asked, [[0, PAGES]]);
   });
 
+  test('a block that tells zero pages itself (isZero) is asked instead of read, with the same result', async () => {
+    const zeros = createBufferRam([{ id: 'pc.ram', size: PAGES * PAGE_SIZE }]);
+    const data = await save(zeros);
+    const { ram, mem, state } = ramWithMap();
+    const checked: [number, number][] = [];
+    const block = ram.blocks[0]!;
+    const withIsZero = {
+      blocks: [
+        {
+          ...block,
+          isZero(offset: number, len: number) {
+            checked.push([offset / PAGE_SIZE, len / PAGE_SIZE]);
+            return mem.subarray(offset, offset + len).every((b) => b === 0);
+          },
+        },
+      ],
+    };
+    await loadInto(withIsZero, data);
+    assert.ok(
+      mem.every((b) => b === 0),
+      'the pages that held data are zero',
+    );
+    assert.deepEqual(state.reads, [], 'nothing read');
+    const asked = new Set(checked.filter(([, n]) => n === 1).map(([p]) => p));
+    for (const p of [0, 1, 2, 100, 450]) assert.ok(asked.has(p), `page ${p} checked alone`);
+  });
+
   test('a page this load wrote and later receives as zero is zeroed, though reported unpopulated', async () => {
     const src = createBufferRam([{ id: 'pc.ram', size: PAGES * PAGE_SIZE }]);
     const srcMem = src.memory.get('pc.ram')!;

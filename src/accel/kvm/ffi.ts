@@ -35,6 +35,7 @@ const c = {
   clockGettime: libc.func('int clock_gettime(int clockid, void *ts)'),
   memcpyTo: libc.func('void *memcpy(uintptr_t dst, const void *src, size_t n)'),
   memsetAt: libc.func('void *memset(uintptr_t dst, int c, size_t n)'),
+  memcmpAt: libc.func('int memcmp(uintptr_t a, const void *b, size_t n)'),
 } as const;
 
 /** open(2) flags. */
@@ -285,6 +286,22 @@ export function fillNative(ptr: bigint, length: number, value: number): void {
     throw new RangeError(`fillNative: invalid length ${length}`);
   }
   if (length > 0) c.memsetAt(ptr, value & 0xff, length);
+}
+
+/** A zero buffer to compare native memory against, a stretch at a time. */
+const ZEROS = Buffer.alloc(1 << 20);
+
+/** Whether `length` bytes of native memory at `ptr` are all zero, without a view (see copyToNative). */
+export function isZeroNative(ptr: bigint, length: number): boolean {
+  if (ptr === 0n || ptr === MAP_FAILED) throw new RangeError('isZeroNative: invalid pointer');
+  if (!Number.isSafeInteger(length) || length < 0) {
+    throw new RangeError(`isZeroNative: invalid length ${length}`);
+  }
+  for (let done = 0; done < length; done += ZEROS.length) {
+    const n = Math.min(ZEROS.length, length - done);
+    if (c.memcmpAt(ptr + BigInt(done), ZEROS, n) !== 0) return false;
+  }
+  return true;
 }
 
 /** The native address of a Buffer's memory (for structs that carry a pointer). */

@@ -122,6 +122,33 @@ test('views share memory with reads and writes, and read() returns a copy', () =
   }
 });
 
+test('writes, fills and zero checks before any view (through libc) agree with those after', () => {
+  const mem = GuestMemory.create(16 * MiB);
+  try {
+    // No view yet: these go through libc.
+    mem.write(0x5000, Uint8Array.of(9, 8, 7));
+    mem.fill(0x6000, 3, 0x5a);
+    assert.equal(mem.isZero(0x5000, 4096), false);
+    assert.equal(
+      mem.isZero(0x7000, 2 * MiB),
+      true,
+      'untouched RAM is zero, past one compare buffer too',
+    );
+    assert.equal(mem.isZero(0x6003, 0x1000), true, 'the fill stopped at its length');
+    // The first read makes the view; what libc wrote is there.
+    assert.deepEqual([...mem.read(0x5000, 3)], [9, 8, 7]);
+    assert.deepEqual([...mem.read(0x6000, 4)], [0x5a, 0x5a, 0x5a, 0]);
+    // With the view: the same answers, now read through it.
+    mem.fill(0x5000, 3, 0);
+    assert.equal(mem.isZero(0x5000, 4096), true);
+    mem.writeU8(0x9fff, 1);
+    assert.equal(mem.isZero(0x7000, 2 * MiB), false);
+    assert.throws(() => mem.isZero(16 * MiB - 1, 2), /runs past the end/);
+  } finally {
+    mem.close();
+  }
+});
+
 test('accesses outside RAM or across a slot end throw GuestMemoryError and change nothing', () => {
   const mem = GuestMemory.create(parseMemorySize('4G'));
   try {
