@@ -20,6 +20,7 @@ import {
   sigsetDel,
   sigsetEmpty,
   sigtimedwait,
+  sysClose,
 } from './ffi.js';
 import { exitReasonName, KVM_EXIT, KVM_SYSTEM_EVENT } from './ioctls.js';
 import { KVM_EXIT_IO_OUT } from './structs/run.js';
@@ -94,7 +95,15 @@ function runVcpuThread(data: VcpuThreadData): void {
   // The VM fd belongs to the main thread: this handle only issues KVM_IRQ_LINE
   // on it and is never closed here.
   const vm = new KvmVm(data.vmFd);
-  const vcpu = new KvmVcpu(data.vcpuFd, data.runMmapSize, { index: data.index });
+  let vcpu: KvmVcpu;
+  try {
+    vcpu = new KvmVcpu(data.vcpuFd, data.runMmapSize, { index: data.index });
+  } catch (err) {
+    // The fd is this thread's, and a vCPU that failed here is never closed
+    // by anyone else: the thread ends with the error (its 'error' event).
+    sysClose(data.vcpuFd);
+    throw err;
+  }
   const run = vcpu.kvmRun;
   const ctx: VcpuOpContext = { vcpu, index: data.index, unpark: () => (parked = false) };
   const devices = new VcpuDevices(data.devices, {

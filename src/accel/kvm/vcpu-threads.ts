@@ -323,18 +323,6 @@ export class VcpuThreads implements CpuController {
     await Promise.all(this.threads.map((t) => t.waitPaused()));
   }
 
-  /** `launch`, then waits until every thread is ready and paused (ending them all if one fails). */
-  static async start(options: VcpuThreadsOptions): Promise<VcpuThreads> {
-    const all = VcpuThreads.launch(options);
-    try {
-      await all.started();
-    } catch (err) {
-      await all.end();
-      throw err;
-    }
-    return all;
-  }
-
   get count(): number {
     return this.threads.length;
   }

@@ -269,12 +269,16 @@ export class X86Machine {
           },
           options.boot,
         );
+      // A thread that cannot start fails the creation at once (its queued
+      // work would only fail when it ends).
+      const started = vcpus.started();
+      started.catch(() => {});
       try {
-        // A thread that cannot start fails the creation at once (its queued
-        // work would only fail when it ends).
-        await Promise.all([vcpus.started(), options.incoming ? undefined : loadGuest()]);
+        await Promise.all([started, options.incoming ? undefined : loadGuest()]);
       } catch (err) {
-        // A vCPU whose set-up failed fails its guest entry too: report the cause.
+        // The cause, in order: a thread that could not start; a vCPU whose
+        // set-up failed (its guest entry fails too); the guest's load.
+        await started;
         await setUpsDone;
         throw err;
       }

@@ -336,7 +336,6 @@ export class GuestMemory {
     );
   }
 
-  /** Fills `length` bytes at `gpa` with `value`. */
   /** Whether `length` bytes at `gpa` are all zero: read through a view if this thread has one, else through libc (see `viewed`). */
   isZero(gpa: number | bigint, length: number): boolean {
     const [slot, offset] = this.locate(gpa, length);
@@ -349,6 +348,7 @@ export class GuestMemory {
     return zero;
   }
 
+  /** Fills `length` bytes at `gpa` with `value`. */
   fill(gpa: number | bigint, length: number, value = 0): void {
     const [slot, offset] = this.locate(gpa, length);
     if (!this.viewed(slot, offset, length)) {
