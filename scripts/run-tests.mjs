@@ -372,6 +372,7 @@ function describe(summary, where) {
 const VM_FILE_SECONDS = {
   'accel/kvm/kvm-fd.kvm.test.js': 17,
   'accel/kvm/kvm.kvm.test.js': 12,
+  'accel/kvm/vcpu-threads.kvm.test.js': 8,
   'cli/kvmclock.kvm.test.js': 245,
   // With its live-migration leg: 399 s in a VM of its own before the UART's writes were coalesced.
   'cli/linux-clock.kvm.test.js': 480,
