@@ -77,7 +77,6 @@ class VcpuThread {
   readonly port: MessageChannel['port1'];
   /** The answers to queued work: taken at once by `settle`, or as events. */
   readonly replies: MessageChannel['port1'];
-  tid = 0;
   readonly exited: Promise<void>;
   readonly ready: Promise<void>;
   private nextId = 1;
@@ -125,7 +124,6 @@ class VcpuThread {
         case 'loaded':
           return;
         case 'ready':
-          this.tid = message.tid;
           readyResolve();
           return;
         case 'done':
@@ -340,7 +338,7 @@ export class VcpuThreads implements CpuController {
 
   /** Kernel thread ids of the vCPU threads, by index (query-cpus-fast's thread-id). */
   get threadIds(): number[] {
-    return this.threads.map((t) => t.tid);
+    return this.threads.map((t) => t.liveTid);
   }
 
   /** Writes the guest made to the counting port, summed over vCPUs (the exit-rate benchmark). */

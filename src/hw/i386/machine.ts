@@ -272,7 +272,6 @@ export class X86Machine {
       // A thread that cannot start fails the creation at once (its queued
       // work would only fail when it ends).
       const started = vcpus.started();
-      started.catch(() => {});
       try {
         await Promise.all([started, options.incoming ? undefined : loadGuest()]);
       } catch (err) {

@@ -336,16 +336,13 @@ export class GuestMemory {
     );
   }
 
-  /** Whether `length` bytes at `gpa` are all zero: read through a view if this thread has one, else through libc (see `viewed`). */
+  /**
+   * Whether `length` bytes at `gpa` are all zero: one native compare a
+   * stretch at a time, with or without this thread's views (see `viewed`).
+   */
   isZero(gpa: number | bigint, length: number): boolean {
     const [slot, offset] = this.locate(gpa, length);
-    if (!this.viewed(slot, offset, length))
-      return isZeroNative(slot.hostAddr + BigInt(offset), length);
-    let zero = true;
-    this.copy(slot, offset, length, (chunk, from, to) => {
-      zero &&= isAllZero(chunk.subarray(from, to));
-    });
-    return zero;
+    return isZeroNative(slot.hostAddr + BigInt(offset), length);
   }
 
   /** Fills `length` bytes at `gpa` with `value`. */
@@ -552,15 +549,4 @@ function toAddress(gpa: number | bigint): number {
 
 function bytesView(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-}
-
-const ZERO_STRETCH = Buffer.alloc(1 << 20);
-
-/** Whether every byte of `bytes` is zero: a native compare a stretch at a time. */
-function isAllZero(bytes: Uint8Array): boolean {
-  for (let at = 0; at < bytes.byteLength; at += ZERO_STRETCH.length) {
-    const n = Math.min(ZERO_STRETCH.length, bytes.byteLength - at);
-    if (ZERO_STRETCH.compare(bytes, at, at + n, 0, n) !== 0) return false;
-  }
-  return true;
 }
